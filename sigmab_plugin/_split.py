@@ -1,0 +1,195 @@
+"""Channel allocation and splitting over Torch-Pruning's coupled groups (DependencyGraph).
+
+Phase A (``allocate``) scores every channel of every coupled group a level owns, per node, by the
+mean |activation| its consumers saw on that node's calibration samples, and picks each node's
+keep-set (aligned to grouped convolutions, rounded, siblings covering every channel if asked).
+Phase B (``build_node``) deep-copies the dense model, builds a DependencyGraph on the copy, prunes
+each planned group to its keep-set and lifts out the node's units. Groups are keyed by the name of
+their root module (the out-channel module ``get_all_groups`` starts from), stable across copies.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+_PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class GroupInfo:
+    key: str  # root module name
+    n: int  # channels of the root
+    levels: set  # levels whose modules the group touches (0 = backbone)
+    producers: int  # dense layers that only write these channels (>= 2 means a residual stream)
+    align: int  # channels per kept position block (grouped convs), 1 otherwise
+    consumers: Dict[str, Tuple[List[int], List[int]]] = field(default_factory=dict)  # name -> (idxs, root_idxs)
+
+
+def _level_of(name: str, unit_level: Dict[str, int]) -> int:
+    while name:
+        if name in unit_level:
+            return unit_level[name]
+        name = name.rpartition(".")[0]
+    return 0
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    model.eval()  # tracing must not touch BatchNorm statistics
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[str, int],
+                    ignored: Sequence[str]) -> List[GroupInfo]:
+    names = {m: n for n, m in model.named_modules()}
+    ignored_modules = [model.get_submodule(n) for n in ignored]
+    infos = []
+    for group in dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=_PARAM_LAYERS):
+        root = group[0].dep.target.module
+        if root not in names:
+            continue
+        outs, ins, levels, align = set(), set(), set(), 1
+        consumers = {}
+        for item in group.items:
+            module = item.dep.target.module
+            name = names.get(module)
+            if name is None:
+                continue
+            levels.add(_level_of(name, unit_level))
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                outs.add(name)
+            elif dg.is_in_channel_pruning_fn(item.dep.handler):
+                ins.add(name)
+                if isinstance(module, _PARAM_LAYERS):
+                    consumers[name] = (list(item.idxs), list(item.root_idxs))
+            if isinstance(module, _CONV) and 1 < module.groups < module.in_channels:
+                align = max(align, module.groups)
+        producers = sum(1 for n in outs - ins if isinstance(names_to_module(model, n), _PARAM_LAYERS)
+                        and getattr(names_to_module(model, n), "groups", 1) == 1)
+        n = dg.get_out_channels(root)
+        infos.append(GroupInfo(names[root], n, levels, producers, align, consumers))
+    return infos
+
+
+def names_to_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _keep_count(ratio: float, n: int, round_to: int) -> int:
+    k = math.ceil(ratio * n / round_to) * round_to
+    return max(1, min(n, k))
+
+
+def _cover(scores: List[torch.Tensor], k: int) -> List[torch.Tensor]:
+    """Top-k per sibling, then swap shared low-score channels for uncovered ones until all are kept."""
+    sets = [set(torch.topk(s, k).indices.tolist()) for s in scores]
+    n = scores[0].numel()
+    norm = [s / s.sum().clamp_min(1e-12) for s in scores]
+    uncovered = sorted(set(range(n)) - set().union(*sets), key=lambda c: -max(float(v[c]) for v in norm))
+    for c in uncovered:
+        order = sorted(range(len(sets)), key=lambda i: -float(norm[i][c]))
+        for i in order:
+            shared = [x for x in sets[i] if any(x in sets[j] for j in range(len(sets)) if j != i)]
+            if shared:
+                drop = min(shared, key=lambda x: float(norm[i][x]))
+                sets[i].remove(drop)
+                sets[i].add(c)
+                break
+        else:  # cannot happen while 2k >= n; kept as a guard
+            raise RuntimeError(f"coverage failed: channel {c} fits no sibling (k={k}, n={n})")
+    return [torch.tensor(sorted(s), dtype=torch.long) for s in sets]
+
+
+def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
+                 unit_level: Dict[str, int]) -> Optional[torch.Tensor]:
+    """Per root channel: mean |input| of each consumer in ``level`` (each normalised to mean 1), summed."""
+    score = torch.zeros(info.n, dtype=torch.float64)
+    used = False
+    for name, (idxs, root_idxs) in info.consumers.items():
+        if _level_of(name, unit_level) != level or name not in stats:
+            continue
+        s = stats[name].double()
+        s = s / s.mean().clamp_min(1e-12)
+        valid = [(i, r) for i, r in zip(idxs, root_idxs) if r is not None and i < s.numel()]
+        score.index_add_(0, torch.tensor([r for _, r in valid], dtype=torch.long),
+                         s[torch.tensor([i for i, _ in valid], dtype=torch.long)])
+        used = True
+    return score if used else None
+
+
+def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torch.Tensor]],
+             parent_plans: List[Dict[str, List[int]]], ratio: float, coverage: bool, prune_residual: bool,
+             round_to: int, unit_level: Dict[str, int]) -> List[Dict[str, List[int]]]:
+    """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics."""
+    n_nodes = len(node_stats)
+    plans: List[Dict[str, List[int]]] = [dict() for _ in range(n_nodes)]
+    for info in infos:
+        if level not in info.levels:
+            continue
+        if min(info.levels) < level:  # channels enter from the parent: gather what it kept
+            for j in range(n_nodes):
+                kept = parent_plans[j // 2].get(info.key) if parent_plans else None
+                if kept is not None:
+                    plans[j][info.key] = kept
+            continue
+        stream = info.producers >= 2 or max(info.levels) > level
+        if stream and not prune_residual:
+            continue
+        if info.n % info.align:
+            continue
+        for parent in range(0, n_nodes, 2):
+            sibs = [parent, parent + 1]
+            scores = [group_scores(info, node_stats[j], level, unit_level) for j in sibs]
+            if any(s is None for s in scores):
+                continue  # nothing in this level reads these channels: leave them whole
+            m = info.n // info.align
+            pos = [s.view(info.align, m).sum(0) for s in scores]
+            k = _keep_count(ratio, m, 1 if info.align > 1 else round_to)
+            if k >= m:
+                continue
+            kept = _cover(pos, k) if coverage else [torch.topk(p, k).indices.sort().values for p in pos]
+            for j, kp in zip(sibs, kept):
+                chans = (torch.arange(info.align).view(-1, 1) * m + kp.view(1, -1)).flatten()
+                plans[j][info.key] = sorted(chans.tolist())
+    return plans
+
+
+def boundary_index(infos: List[GroupInfo], plan: Dict[str, List[int]], consumer: Optional[str]) -> Optional[List[int]]:
+    """Dense channel positions a boundary tensor keeps at a node (None: all), read off its first consumer."""
+    if consumer is None:
+        return None
+    for info in infos:
+        if consumer in info.consumers and info.key in plan:
+            idxs, roots = info.consumers[consumer]
+            kept = set(plan[info.key])
+            return sorted(i for i, r in zip(idxs, roots) if r in kept)
+    return None
+
+
+def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int]], unit_names: Sequence[str],
+               unit_level: Dict[str, int], ignored: Sequence[str]) -> Tuple[List[nn.Module], List[GroupInfo]]:
+    """Deep-copy ``dense``, prune the planned groups through a DependencyGraph, return the node's units."""
+    model = copy.deepcopy(dense)
+    dg = build_graph(model, example)
+    infos = describe_groups(model, dg, unit_level, ignored)
+    for info in infos:
+        kept = plan.get(info.key)
+        if kept is None:
+            continue
+        removed = sorted(set(range(info.n)) - set(kept))
+        if not removed:
+            continue
+        root = model.get_submodule(info.key)
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, removed)
+        if not dg.check_pruning_group(group):
+            raise RuntimeError(f"pruning group rooted at {info.key!r} to {len(kept)} channels is invalid")
+        group.prune()
+    units = [model.get_submodule(n) for n in unit_names]
+    return units, infos

@@ -1,0 +1,105 @@
+"""`BranchConfig`: every option of Sigma-Branch (SigmaB) restructuring in one validated dataclass.
+
+Keyword arguments of :func:`sigmab_plugin.branch` override the fields of a config; the config
+round-trips through ``to_dict``/``from_dict`` (and so through JSON) and is stored with a saved tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class BranchConfig:
+    """Options of :func:`sigmab_plugin.branch` (Sigma-Branch restructuring of a pretrained CNN)."""
+
+    depth: int = field(default=2, metadata={"help": "tree levels below the backbone (>= 1)"})
+    keep_ratio: Union[float, Sequence[float]] = field(
+        default=0.5, metadata={"help": "share of each coupled channel group a node keeps; one float or one per level"})
+    split_points: Optional[Sequence[str]] = field(
+        default=None, metadata={"help": "module paths whose outputs feed the routers; None picks them from feature_info"})
+    seed: int = field(default=0, metadata={"help": "seed of the spherical k-means"})
+    coverage: bool = field(
+        default=True, metadata={"help": "siblings together keep every dense channel (needs keep_ratio >= 0.5)"})
+    prune_residual: bool = field(
+        default=False, metadata={"help": "also prune residual-stream channels (groups with several producers)"})
+    round_to: int = field(default=1, metadata={"help": "kept channel counts are multiples of this"})
+    router_tau: float = field(default=10.0, metadata={"help": "scale of the cosine router logits"})
+    kmeans_restarts: int = field(default=4, metadata={"help": "spherical k-means restarts (best objective kept)"})
+    kmeans_iters: int = field(default=50, metadata={"help": "spherical k-means iterations per restart"})
+    min_cluster_share: float = field(
+        default=0.1, metadata={"help": "smallest share of a parent's calibration samples a child receives"})
+    min_leaf_samples: int = field(default=4, metadata={"help": "calibration samples needed per leaf"})
+    calib_batch_size: int = field(default=64, metadata={"help": "batch size used when calib_data is one tensor"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars during calibration"})
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_ratio, (list, tuple)):
+            self.keep_ratio = [float(r) for r in self.keep_ratio]
+        if self.split_points is not None:
+            if isinstance(self.split_points, str) or not all(isinstance(s, str) for s in self.split_points):
+                raise TypeError(f"split_points must be a list of module paths, got {self.split_points!r}")
+            self.split_points = list(self.split_points)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field, its value and the fix."""
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
+            raise ValueError(f"depth={self.depth!r} is invalid: use an integer >= 1")
+        ratios = self.keep_ratios()
+        for r in ratios:
+            if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 < r <= 1.0):
+                raise ValueError(f"keep_ratio={self.keep_ratio!r} is invalid: every ratio must lie in (0, 1]")
+        if isinstance(self.keep_ratio, list) and len(self.keep_ratio) != self.depth:
+            raise ValueError(
+                f"keep_ratio has {len(self.keep_ratio)} entries for depth={self.depth}: give one float or "
+                f"exactly {self.depth} (one per level)")
+        if self.coverage and min(ratios) < 0.5:
+            raise ValueError(
+                f"coverage=True needs keep_ratio >= 0.5 (two siblings must hold every channel), got "
+                f"{self.keep_ratio!r}: raise keep_ratio or set coverage=False")
+        if self.split_points is not None and len(self.split_points) != self.depth:
+            raise ValueError(
+                f"split_points={self.split_points!r} has {len(self.split_points)} entries but depth={self.depth} "
+                f"needs exactly {self.depth} (the root router's and one per internal level)")
+        checks = [("round_to", self.round_to >= 1), ("router_tau", self.router_tau > 0),
+                  ("kmeans_restarts", self.kmeans_restarts >= 1), ("kmeans_iters", self.kmeans_iters >= 1),
+                  ("min_cluster_share", 0.0 <= self.min_cluster_share < 0.5),
+                  ("min_leaf_samples", self.min_leaf_samples >= 1), ("calib_batch_size", self.calib_batch_size >= 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; see BranchConfig's help for it")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported (this release reads {CONFIG_VERSION})")
+
+    def keep_ratios(self) -> list:
+        """The keep ratio of each level (1..depth)."""
+        if isinstance(self.keep_ratio, list):
+            return list(self.keep_ratio)
+        return [float(self.keep_ratio)] * self.depth
+
+    def replace(self, **overrides: Any) -> "BranchConfig":
+        """A validated copy with ``overrides`` applied; unknown names raise ``TypeError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown BranchConfig option(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BranchConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"BranchConfig.from_dict needs a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown BranchConfig field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**data)
