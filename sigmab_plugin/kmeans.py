@@ -84,6 +84,11 @@ def spherical_kmeans(x: torch.Tensor, k: int = 2, *, restarts: int = 4, iters: i
         raise ValueError("spherical_kmeans got non-finite features; check the model and its inputs")
     x = F.normalize(x.double(), dim=1)
     gen = torch.Generator().manual_seed(seed)
+    # canonical order (a seeded random projection) so the result does not depend on the row order
+    order = torch.argsort(x @ torch.randn(x.shape[1], generator=gen, dtype=torch.float64), stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    x = x[order]
     best = None
     for _ in range(restarts):
         centroids = _plusplus(x, k, gen)
@@ -102,4 +107,4 @@ def spherical_kmeans(x: torch.Tensor, k: int = 2, *, restarts: int = 4, iters: i
     if not torch.equal(labels, best.labels):
         centroids = _update(x, labels, best.centroids)
         best = KMeansResult(centroids, labels, float((x * centroids[labels]).sum(1).mean()))
-    return KMeansResult(best.centroids.float(), best.labels, best.objective)
+    return KMeansResult(best.centroids.float(), best.labels[inverse], best.objective)

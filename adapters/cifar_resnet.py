@@ -1,0 +1,125 @@
+"""CIFAR ResNet-20/32/44/56 (He et al., CVPR 2016, section 4.2), loadable from the public checkpoints.
+
+Three stages of 16/32/64 channels of basic blocks. Shortcut option "A" (akamaster's CIFAR-10
+release: stride-2 subsampling plus zero-padded new channels, no parameters; classifier ``linear``)
+or option "B" (chenyaofo's CIFAR-100 release: 1x1 conv + BN on the downsampling blocks; classifier
+``fc``). The stem's ReLU is a module and ``feature_info`` lists the stages, timm-style, so
+``sigmab_plugin.branch`` finds split points as it does for timm models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEPTHS = (20, 32, 44, 56)
+CIFAR10_MEAN, CIFAR10_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # akamaster's normalisation
+CIFAR100_MEAN, CIFAR100_STD = (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class PadShortcut(nn.Module):
+    """Option A: subsample by 2 and zero-pad the new channels equally on both sides."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = PadShortcut(planes) if shortcut == "A" else nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs."""
+
+    def __init__(self, depth: int = 56, num_classes: int = 10, shortcut: str = "A"):
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"CIFAR ResNet depth {depth} is not supported; choose one of {DEPTHS}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut={shortcut!r} is unknown; use 'A' (zero-pad) or 'B' (1x1 conv)")
+        n = (depth - 2) // 6
+        self.depth, self.shortcut = depth, shortcut
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = nn.ReLU()
+        planes, layers = 16, []
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(planes, width, 2 if (b == 0 and i > 0) else 1, shortcut))
+                planes = width
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_name = "linear" if shortcut == "A" else "fc"
+        setattr(self, self.head_name, nn.Linear(64, num_classes))
+        self.feature_info = [dict(module="act1", num_chs=16, reduction=1),
+                             dict(module="layer1", num_chs=16, reduction=1),
+                             dict(module="layer2", num_chs=32, reduction=2),
+                             dict(module="layer3", num_chs=64, reduction=4)]
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.head_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.get_classifier()(torch.flatten(self.pool(x), 1))
+
+
+def cifar_resnet(depth: int = 56, num_classes: int = 10, shortcut: str = "A",
+                 checkpoint: Union[str, Path, None] = None) -> CifarResNet:
+    """Build a CIFAR ResNet and, if ``checkpoint`` is given, load it (either public format)."""
+    model = CifarResNet(depth, num_classes, shortcut)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def load_checkpoint(model: CifarResNet, path: Union[str, Path]) -> CifarResNet:
+    """Load akamaster's ``{'state_dict': {'module.…'}}`` or a plain state dict, strictly (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; the public CIFAR ResNet weights are expected "
+                                "there (see ../shared/data/README.md)")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds {type(raw).__name__}, not a state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit CifarResNet-{model.depth} (shortcut {model.shortcut}, "
+                         f"{model.get_classifier().out_features} classes): missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}; pick the matching depth/shortcut/num_classes")
+    shapes = [k for k, v in state.items() if own[k].shape != v.shape]
+    if shapes:
+        raise ValueError(f"{path}: shape mismatch for {shapes[:4]}; pick the matching depth/num_classes")
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,108 @@
+"""Exactness of SigmaB on every covered family: keep 1.0 is the dense model, a pruned path is the
+dense model with the same channels masked, hard == soft at one-hot routers, counts and save/load."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sigmab_plugin as sb
+from conftest import FAMILIES, images, make_model, masked_dense, modules_run_params
+
+CALIB = images(64, seed=1)
+X = images(32, seed=2)
+# residual pruning through a channel LayerNorm (ConvNeXt) renormalises over the kept channels,
+# so it is not a masking of the dense model; option-A zero-pad shortcuts are not prunable streams
+RESIDUAL_MASKABLE = [f for f in FAMILIES if f != "convnext"]
+
+
+def _branched(family, **kw):
+    dense = make_model(family)
+    tree = sb.branch(copy.deepcopy(dense), calib_data=CALIB, progress=False, **kw)
+    return dense, tree
+
+
+def _close(a, b, tol=1e-5):
+    scale = max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= tol * scale, float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keep_one_reproduces_dense(family):
+    dense, tree = _branched(family, depth=2, keep_ratio=1.0)
+    ref = dense(X)
+    with torch.no_grad():
+        _close(tree(X), ref)  # eval mode: hard routing
+        sb.set_routing(tree, "soft")
+        _close(tree(X), ref)  # mixture of identical paths
+
+
+@pytest.mark.parametrize("family,residual", [(f, False) for f in FAMILIES] + [(f, True) for f in RESIDUAL_MASKABLE])
+def test_pruned_path_equals_masked_dense(family, residual):
+    dense, tree = _branched(family, depth=2, keep_ratio=0.5, prune_residual=residual)
+    rep = sb.param_report(tree)
+    assert rep["active_fraction_max"] < 0.9, "keep 0.5 should prune something"
+    leaves = sb.route(tree, X)
+    with torch.no_grad():
+        out = tree(X)
+        for leaf in leaves.unique().tolist():
+            rows = leaves == leaf
+            _close(out[rows], masked_dense(dense, tree, leaf)(X)[rows], tol=1e-4)
+        assert float((out - dense(X)).abs().max()) > 1e-4  # pruning did change the function
+
+
+@pytest.mark.parametrize("family", ["resnet", "efficientnet", "cifar_resnet_b"])
+def test_hard_equals_soft_at_one_hot(family):
+    _, tree = _branched(family, depth=2, keep_ratio=0.5)
+    with torch.no_grad():
+        hard = tree(X)
+        sb.set_routing(tree, "soft", temperature=1e-7)
+        soft = tree(X)
+    _close(soft, hard, tol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_param_report_matches_independent_count(family):
+    _, tree = _branched(family, depth=2, keep_ratio=0.5, prune_residual=family != "convnext")
+    rep = sb.param_report(tree)
+    assert rep["total_params"] == sum(v.numel() for k, v in tree.state_dict().items()
+                                      if any(k == n for n, _ in tree.named_parameters()))
+    assert rep["dense_params"] == sum(p.numel() for p in make_model(family).parameters())
+    leaves = sb.route(tree, X)
+    seen = set()
+    for i, leaf in enumerate(leaves.tolist()):
+        if leaf in seen:
+            continue
+        seen.add(leaf)
+        assert modules_run_params(tree, X[i:i + 1]) == rep["active_params"][leaf]
+    assert rep["active_params_max"] == max(rep["active_params"])
+    assert rep["active_fraction_max"] == pytest.approx(rep["active_params_max"] / rep["dense_params"])
+    assert rep["bytes_per_inference_max"] >= 4 * rep["active_params_max"]
+
+
+@pytest.mark.parametrize("family", ["resnet", "regnet", "mobilenetv3", "cifar_resnet_a"])
+def test_save_load_identical(family, tmp_path):
+    _, tree = _branched(family, depth=2, keep_ratio=0.5)
+    assert sb.branch is not None and type(tree) is type(make_model(family))
+    sb.save_branched(tree, tmp_path / "tree")
+    loaded = sb.load_branched(make_model(family), tmp_path / "tree")
+    with torch.no_grad():
+        assert torch.equal(loaded(X), tree(X))
+        sb.set_routing(tree, "soft")
+        sb.set_routing(loaded, "soft")
+        assert torch.equal(loaded(X), tree(X))
+    assert sb.param_report(loaded) == sb.param_report(tree)
+    assert not any(p.suffix == ".pt" for p in (tmp_path / "tree").iterdir())
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_soft_routing_is_differentiable(family):
+    _, tree = _branched(family, depth=2, keep_ratio=0.5)
+    tree.train()  # auto mode: soft while training
+    out = tree(X[:8])
+    out.square().mean().backward()
+    routed = [m for m in tree.modules() if isinstance(m, sb.routing.RoutedModule)]
+    routers = [r for m in routed if m.routers is not None for r in m.routers]
+    assert all(r.centroids.grad is not None and r.centroids.grad.abs().sum() > 0 for r in routers)
+    assert all(p.grad is not None for m in routed for p in m.variants.parameters() if p.requires_grad)
