@@ -65,29 +65,34 @@ def param_report(model: nn.Module) -> Dict[str, object]:
 
 
 def summary(model: nn.Module) -> str:
-    """The tree as text: per node its parameters, keep ratio and share of calibration samples."""
+    """The tree as text: per node its parameters, its router, keep ratio and share of calibration samples."""
     state = tree_state(model)
     spec, depth = state.spec, state.depth
-    routed = {m.level: [] for m in _routed(model)}
-    for m in _routed(model):
-        routed[m.level].append(m)
+    routed = _routed(model)
+    by_level = {l: [r for r in routed if r.level == l] for l in range(1, depth + 1)}
     rep = param_report(model)
     ratios = spec["config"]["keep_ratio"]
     ratios = ratios if isinstance(ratios, list) else [ratios] * depth
-    shares = spec.get("calibration", {}).get("shares", {})
-    backbone = rep["dense_params"] - sum(sum(_count(v) for v in r.variants) for r in _routed(model))
+    calib = spec.get("calibration", {})
+    shares = calib.get("shares", {})
+
+    def router_of(level: int, node: int) -> str:  # the router of node (level, node) sits in level+1's first unit
+        if level == depth:
+            return "leaf"
+        first = next(r for r in by_level[level + 1] if r.routers is not None)
+        return f"router {_count(first.routers[node]):,}"
+
+    shared = _count(model) - sum(_count(r) for r in routed)
     lines = [f"SigmaB tree of {spec['model']}: depth {depth}, split points {spec['split_points']}",
-             f"  backbone (shared, outside the routed units): {_count(model) - sum(_count(r) for r in _routed(model)):,} params"]
-    del backbone
+             f"root: backbone {shared:,} params (shared), {router_of(0, 0)}, "
+             f"{calib.get('samples', '?')} calibration samples"]
     for l in range(1, depth + 1):
-        units = spec["levels"][l - 1]
-        lines.append(f"  level {l}: units {units}, keep ratio {ratios[l - 1]}")
+        lines.append(f"level {l} (keep ratio {ratios[l - 1]}): units {spec['levels'][l - 1]}")
         for j in range(2 ** l):
-            params = sum(_count(r.variants[j]) for r in routed[l])
+            params = sum(_count(r.variants[j]) for r in by_level[l])
             share = shares.get(f"{l}/{j}")
-            routers = sum(_count(r.routers[j >> 1]) for r in routed[l] if r.routers is not None)
             tail = f", calibration share {share:.1%}" if share is not None else ""
-            lines.append(f"{'  ' * (l + 1)}node {l}/{j}: {params:,} params (+{routers:,} router){tail}")
-    lines.append(f"  dense {rep['dense_params']:,} | stored {rep['total_params']:,} | active per leaf "
+            lines.append(f"{'  ' * l}node {l}/{j}: {params:,} params, {router_of(l, j)}{tail}")
+    lines.append(f"dense {rep['dense_params']:,} | stored {rep['total_params']:,} | active per leaf "
                  f"{rep['active_params']} | max active fraction {rep['active_fraction_max']:.3f}")
     return "\n".join(lines)
