@@ -9,15 +9,17 @@ failed final check puts the original modules back.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _calib, _split, _trace
 from .config import BranchConfig
 from .kmeans import spherical_kmeans
-from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState
+from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState, pool_features
 
 SPEC_FORMAT = "sigmab-tree"
 _UNSET = object()
@@ -40,14 +42,76 @@ def _fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):
     km = spherical_kmeans(feats, 2, restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters, seed=seed,
                           min_share=cfg.min_cluster_share)
     router = CosineRouter(km.centroids, cfg.router_tau)
-    with torch.no_grad():
-        logits = router(feats)
-        margin = (logits[:, 0] - logits[:, 1]).sort(descending=True).values
-        n0 = int((km.labels == 0).sum())  # threshold the margin so the router reproduces the cluster sizes
-        cut = 0.5 * (margin[n0 - 1] + margin[n0]) if 0 < n0 < len(margin) else torch.tensor(0.0)
-        router.bias.copy_(torch.stack([-cut / 2, cut / 2]))
-        child = router(feats).argmax(1)
-    return router, child
+    return router, _set_threshold(router, feats, int((km.labels == 0).sum()))
+
+
+@torch.no_grad()
+def _set_threshold(router: CosineRouter, feats: torch.Tensor, n0: int) -> torch.Tensor:
+    """Bias the router so that exactly ``n0`` of ``feats`` go to child 0 (the cluster sizes); returns choices."""
+    router.bias.zero_()
+    logits = router(feats)
+    margin = (logits[:, 0] - logits[:, 1]).sort(descending=True).values
+    cut = 0.5 * (margin[n0 - 1] + margin[n0]) if 0 < n0 < len(margin) else margin.new_zeros(())
+    router.bias.copy_(torch.stack([-cut / 2, cut / 2]))
+    return router(feats).argmax(1)
+
+
+def _refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], routers: List[List[CosineRouter]],
+                   calib_data, cfg: BranchConfig, device) -> None:
+    """Refit the routers below the root on the features the pruned nodes really produce.
+
+    Each calibration batch runs through the dense model (its clustering gives every sample's path)
+    and then through the tree forced along that path; each router then becomes the cosine classifier
+    of its two children's mean pruned features, biased to the cluster sizes.
+    """
+    depth = len(split_points)
+    if depth < 2:
+        return
+    state = tree._sigmab_tree
+    feats = {l: [] for l in range(1, depth)}  # level -> [(pooled features, parent node, target child)]
+    path = {}
+    handles = []
+    for l, s in enumerate(split_points):
+        def dense_hook(_m, _i, out, l=l):
+            parent = path[l]
+            child = torch.empty_like(parent)
+            for j in torch.unique(parent).tolist():
+                rows = parent == j
+                child[rows] = 2 * j + routers[l][j](out[rows]).argmax(1)
+            path[l + 1] = child
+        handles.append(dense.get_submodule(s).register_forward_hook(dense_hook))
+    for m in tree.modules():
+        if isinstance(m, RoutedModule) and m.routers is not None and m.level >= 2:
+            def tree_hook(mod, inp):
+                ctx, l = mod._tree.ctx, mod.level - 1
+                feats[l].append((pool_features(inp[0]).float().cpu(), ctx.node.cpu(),
+                                 (path[l + 1][ctx.sample] & 1).cpu()))
+            handles.append(m.register_forward_pre_hook(tree_hook))
+    try:
+        state.mode = "hard"
+        with torch.no_grad():
+            for x in _calib.iter_inputs(calib_data, cfg.calib_batch_size):
+                path.clear()
+                path[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+                dense(x)
+                state.forced_leaves = path[depth]
+                tree(x)
+    finally:
+        state.forced_leaves = None
+        state.mode = "auto"
+        for h in handles:
+            h.remove()
+    for l in range(1, depth):
+        f = torch.cat([t[0] for t in feats[l]])
+        node, target = torch.cat([t[1] for t in feats[l]]), torch.cat([t[2] for t in feats[l]])
+        for j, router in enumerate(routers[l]):
+            rows = node == j
+            fj, tj = F.normalize(f[rows], dim=1), target[rows]
+            if int(tj.sum()) in (0, len(tj)):
+                continue  # one child only: keep the dense fit
+            with torch.no_grad():
+                router.centroids.copy_(torch.stack([F.normalize(fj[tj == c].mean(0), dim=0) for c in (0, 1)]))
+            _set_threshold(router, fj.to(router.centroids.device), int((tj == 0).sum()))
 
 
 def _grow_routers(features: List[torch.Tensor], cfg: BranchConfig):
@@ -213,8 +277,7 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
             r.to(device)
     sums, counts = _calib.channel_stats(model, split_points, levels, routers, calib_data, cfg, device)
 
-    import copy as _copy
-    probe = _copy.deepcopy(model)
+    probe = copy.deepcopy(model)
     infos = _split.describe_groups(probe, _split.build_graph(probe, example), unit_level, classifier)
     del probe
     plans: Dict[str, dict] = {}
@@ -233,10 +296,12 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
         "input_shape": list(example.shape[1:]), "dense_params": sum(p.numel() for p in model.parameters()),
         "plan": plans, "calibration": {"samples": n, "shares": shares},
     }
+    dense = copy.deepcopy(model)
     routed, state = build_tree(model, spec, example, routers)
     originals = swap_in(model, routed)
     try:
         model._sigmab_tree = state
+        _refit_routers(model, dense, split_points, routers, calib_data, cfg, device)
         _check_forward(model, example)
     except Exception as err:
         swap_in(model, originals)

@@ -82,7 +82,9 @@ class TreeState:
         self.mode = "auto"
         self.temperature = 1.0
         self.ctx: Optional[_Context] = None
-        self.last_leaves: Optional[torch.Tensor] = None
+        self.last_leaves: Optional[torch.Tensor] = None  # hard routing: leaf of each sample
+        self.last_leaf_probs: Optional[torch.Tensor] = None  # soft routing: (B, 2**depth), differentiable
+        self.forced_leaves: Optional[torch.Tensor] = None  # hard routing follows these leaves when set
 
     def soft(self, training: bool) -> bool:
         return self.mode == "soft" or (self.mode == "auto" and training)
@@ -131,7 +133,11 @@ class RoutedModule(nn.Module):
                     samples.append(ctx.sample[idx])
                     weights.append(ctx.weight[idx] * p[:, c])
             else:
-                choice = logits.argmax(dim=1)
+                if self._tree.forced_leaves is not None:  # follow the given path (calibration, tests)
+                    leaf = self._tree.forced_leaves.to(x.device)[ctx.sample[idx]]
+                    choice = (leaf >> (self._tree.depth - self.level)) & 1
+                else:
+                    choice = logits.argmax(dim=1)
                 rows.append(xs)
                 nodes.append(2 * parent + choice)
                 samples.append(ctx.sample[idx])
@@ -148,11 +154,13 @@ class RoutedModule(nn.Module):
         return torch.cat([self.variants[n](x[idx]) for n, idx in groups])
 
     def _finish(self, y: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        self._tree.last_leaves = None
+        self._tree.last_leaves = self._tree.last_leaf_probs = None
         if ctx.weight is None:
             out = torch.empty_like(y).index_copy_(0, ctx.sample, y)
             self._tree.last_leaves = torch.empty_like(ctx.node).index_copy_(0, ctx.sample, ctx.node)
             return out
+        probs = ctx.weight.new_zeros(ctx.batch, 2 ** self._tree.depth)
+        self._tree.last_leaf_probs = probs.index_put((ctx.sample, ctx.node), ctx.weight, accumulate=True)
         w = ctx.weight.to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
         out = y.new_zeros((ctx.batch,) + tuple(y.shape[1:]))
         return out.index_add(0, ctx.sample, w * y)

@@ -175,3 +175,26 @@ def test_load_refuses_other_architecture(tmp_path):
         sb.load_branched(make_model("cifar_resnet_a"), tmp_path)
     with pytest.raises(FileNotFoundError, match="not a save_branched"):
         sb.load_branched(make_model("cifar_resnet_b"), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_routers_reproduce_calibration_shares_on_pruned_features(depth):
+    """Routers below the root are refitted on the pruned nodes' features: the tree routes the
+    calibration data to its leaves in exactly the clustered proportions (no starving leaf)."""
+    calib = images(128, seed=5)
+    model = sb.branch(make_model("cifar_resnet_b"), depth=depth, keep_ratio=0.5, calib_data=calib, progress=False)
+    counts = torch.bincount(sb.route(model, calib), minlength=2 ** depth)
+    shares = sb.param_report(model)["leaf_share_calibration"]
+    assert counts.tolist() == [round(s * 128) for s in shares]
+    assert min(shares) > 0
+
+
+def test_forced_leaves_select_the_path():
+    model = sb.branch(make_model("resnet"), depth=2, calib_data=CALIB, progress=False)
+    state = model._sigmab_tree
+    for leaf in range(4):
+        state.forced_leaves = torch.full((len(X),), leaf)
+        with torch.no_grad():
+            model(X)
+        assert state.last_leaves.tolist() == [leaf] * len(X)
+    state.forced_leaves = None
