@@ -41,18 +41,25 @@ def _fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):
     """Spherical k-means (k=2) on one node's features; returns the router and each sample's child."""
     km = spherical_kmeans(feats, 2, restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters, seed=seed,
                           min_share=cfg.min_cluster_share)
-    router = CosineRouter(km.centroids, cfg.router_tau)
-    return router, _set_threshold(router, feats, int((km.labels == 0).sum()))
+    router = CosineRouter(km.centroids, 1.0)
+    return router, _set_threshold(router, feats, int((km.labels == 0).sum()), cfg.router_tau)
 
 
 @torch.no_grad()
-def _set_threshold(router: CosineRouter, feats: torch.Tensor, n0: int) -> torch.Tensor:
-    """Bias the router so that exactly ``n0`` of ``feats`` go to child 0 (the cluster sizes); returns choices."""
+def _set_threshold(router: CosineRouter, feats: torch.Tensor, n0: int, tau: Optional[float]) -> torch.Tensor:
+    """Bias the router so exactly ``n0`` of ``feats`` go to child 0 (the cluster sizes) and scale it:
+    ``tau`` fixed, or (None) such that the median sample sits at logit margin 1 from the boundary."""
     router.bias.zero_()
+    router.tau.fill_(1.0)
     logits = router(feats)
-    margin = (logits[:, 0] - logits[:, 1]).sort(descending=True).values
-    cut = 0.5 * (margin[n0 - 1] + margin[n0]) if 0 < n0 < len(margin) else margin.new_zeros(())
-    router.bias.copy_(torch.stack([-cut / 2, cut / 2]))
+    margin = logits[:, 0] - logits[:, 1]
+    ranked = margin.sort(descending=True).values
+    cut = 0.5 * (ranked[n0 - 1] + ranked[n0]) if 0 < n0 < len(ranked) else ranked.new_zeros(())
+    if tau is None:
+        spread = float((margin - cut).abs().median())
+        tau = 1.0 / spread if spread > 1e-8 else 10.0
+    router.tau.fill_(tau)
+    router.bias.copy_(torch.stack([-cut * tau / 2, cut * tau / 2]))
     return router(feats).argmax(1)
 
 
@@ -111,7 +118,7 @@ def _refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], r
                 continue  # one child only: keep the dense fit
             with torch.no_grad():
                 router.centroids.copy_(torch.stack([F.normalize(fj[tj == c].mean(0), dim=0) for c in (0, 1)]))
-            _set_threshold(router, fj.to(router.centroids.device), int((tj == 0).sum()))
+            _set_threshold(router, fj.to(router.centroids.device), int((tj == 0).sum()), cfg.router_tau)
 
 
 def _grow_routers(features: List[torch.Tensor], cfg: BranchConfig):

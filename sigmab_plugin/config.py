@@ -28,7 +28,8 @@ class BranchConfig:
     prune_residual: bool = field(
         default=False, metadata={"help": "also prune residual-stream channels (groups with several producers)"})
     round_to: int = field(default=1, metadata={"help": "kept channel counts are multiples of this"})
-    router_tau: float = field(default=10.0, metadata={"help": "scale of the cosine router logits"})
+    router_tau: Optional[float] = field(
+        default=None, metadata={"help": "scale of the cosine router logits; None: per router, median margin 1"})
     kmeans_restarts: int = field(default=4, metadata={"help": "spherical k-means restarts (best objective kept)"})
     kmeans_iters: int = field(default=50, metadata={"help": "spherical k-means iterations per restart"})
     min_cluster_share: float = field(
@@ -67,7 +68,7 @@ class BranchConfig:
             raise ValueError(
                 f"split_points={self.split_points!r} has {len(self.split_points)} entries but depth={self.depth} "
                 f"needs exactly {self.depth} (the root router's and one per internal level)")
-        checks = [("round_to", self.round_to >= 1), ("router_tau", self.router_tau > 0),
+        checks = [("round_to", self.round_to >= 1), ("router_tau", self.router_tau is None or self.router_tau > 0),
                   ("kmeans_restarts", self.kmeans_restarts >= 1), ("kmeans_iters", self.kmeans_iters >= 1),
                   ("min_cluster_share", 0.0 <= self.min_cluster_share < 0.5),
                   ("min_leaf_samples", self.min_leaf_samples >= 1), ("calib_batch_size", self.calib_batch_size >= 1)]

@@ -40,7 +40,8 @@ class FinetuneConfig:
     augment: bool = field(default=True, metadata={"help": "random crop (pad 4) during training"})
     flip: bool = field(default=True, metadata={"help": "random horizontal flip (off for digits)"})
     temperature_start: float = field(default=1.0, metadata={"help": "router temperature of the first epoch"})
-    temperature_end: float = field(default=0.2, metadata={"help": "router temperature of the last epoch"})
+    temperature_end: float = field(default=0.1, metadata={"help": "router temperature of the last epoch"})
+    hard_epochs: int = field(default=1, metadata={"help": "last epochs trained with hard routing (routers frozen)"})
     balance_weight: float = field(default=0.1, metadata={"help": "weight of the leaf load-balance term"})
     distill_weight: float = field(default=0.0, metadata={"help": "weight of distillation from the dense model"})
     distill_temperature: float = 4.0
@@ -49,7 +50,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+        checks = {"epochs": self.epochs >= 0, "hard_epochs": 0 <= self.hard_epochs <= self.epochs, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "temperature_start": self.temperature_start > 0, "temperature_end": self.temperature_end > 0,
                   "balance_weight": self.balance_weight >= 0, "distill_weight": self.distill_weight >= 0,
                   "eval_batch_size": self.eval_batch_size >= 1}
@@ -153,7 +154,8 @@ def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.T
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         temperature = cfg.temperature(epoch)
         if branched:
-            set_routing(model, "soft", temperature)
+            hard = epoch >= cfg.epochs - cfg.hard_epochs
+            set_routing(model, "hard" if hard else "soft", temperature)
         model.train()
         perm = torch.randperm(len(train_labels), generator=gen)
         sums = {"loss": 0.0, "ce": 0.0, "balance": 0.0, "distill": 0.0, "correct": 0, "seen": 0}

@@ -55,14 +55,10 @@ def load_branched(base_model: nn.Module, directory) -> nn.Module:
                          f"from {spec['model']} with {spec['dense_params']:,}: build the same architecture")
     device = next(base_model.parameters()).device
     example = torch.zeros(2, *spec["input_shape"], device=device)
-    tau = spec["config"]["router_tau"]
-    widths = dict(zip([u for lv in spec["levels"] for u in lv], spec["widths"]))
     routers = []
     for l, split in enumerate(spec["split_points"]):
-        first_unit = spec["levels"][l][0]
         dim = _router_dim(base_model, split, example)
-        routers.append([CosineRouter(torch.zeros(2, dim), tau).to(device) for _ in range(2 ** l)])
-    del widths, first_unit
+        routers.append([CosineRouter(torch.zeros(2, dim), 1.0).to(device) for _ in range(2 ** l)])
     was_training = base_model.training
     routed, state = build_tree(base_model, spec, example, routers)
     originals = swap_in(base_model, routed)

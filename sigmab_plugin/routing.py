@@ -31,13 +31,16 @@ def pool_features(x: torch.Tensor) -> torch.Tensor:
 
 
 class CosineRouter(nn.Module):
-    """Two-way cosine classifier: ``logits = tau * cos(pool(x), c_k) + b_k``; rows of ``centroids`` are c_k."""
+    """Two-way cosine classifier: ``logits = tau * cos(pool(x), c_k) + b_k``; rows of ``centroids`` are c_k.
+
+    ``tau`` is a buffer (saved with the tree): branch() sets it per router from the calibration margins.
+    """
 
     def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None):
         super().__init__()
         self.centroids = nn.Parameter(centroids.detach().clone().float())
         self.bias = nn.Parameter(torch.zeros(centroids.shape[0]) if bias is None else bias.detach().clone().float())
-        self.tau = float(tau)
+        self.register_buffer("tau", torch.tensor(float(tau)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = F.normalize(pool_features(x).float(), dim=1)

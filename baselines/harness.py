@@ -1,0 +1,208 @@
+"""One harness for every method: same model, data, augmentation, fine-tuning budget, seed and metrics.
+
+``run_comparison`` loads the data, builds (or trains from scratch) the dense reference, branches it
+with SigmaB to fix the budget (the active parameters of SigmaB's largest path, or a target active
+fraction), prunes each static method to that budget, fine-tunes every method with the same
+``FinetuneConfig``, evaluates with hard routing, and records what each method received.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import sigmab_plugin as sb
+from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
+
+from .data import load_dataset
+from .models import classifier_name, create_model
+from .registry import RunContext, available_methods, get_method
+
+
+@dataclass
+class HarnessConfig:
+    model: str = "resnet20"
+    data: str = "digits"
+    data_root: Optional[str] = None
+    checkpoint: Optional[str] = None
+    shortcut: str = "B"
+    methods: List[str] = field(default_factory=lambda: ["dense", "sigmab", "fpgm", "hrank", "fpgm_nni"])
+    depth: int = 2
+    keep_ratio: float = 0.5
+    prune_residual: bool = True
+    target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
+    pretrain_epochs: int = 0  # train the dense reference from scratch first
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pretrain_lr: float = 0.1
+    calib_size: int = 512
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    seed: int = 0
+    out_dir: str = "runs/compare"
+
+    def validate(self) -> None:
+        known = available_methods()
+        bad = [m for m in self.methods if m not in known]
+        if bad or not self.methods:
+            raise ValueError(f"unknown method(s) {bad}; choose from {known}")
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio={self.keep_ratio} must lie in (0, 1]")
+        if self.target_fraction is not None and not 0 < self.target_fraction < 1:
+            raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
+
+
+def latency_ms(model: nn.Module, x1: torch.Tensor, repeat: int = 20) -> float:
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x1)
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(x1)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _branch_to_fraction(dense, calib, opts, target: float, dense_params: int):
+    """Bisect SigmaB's keep ratio so the largest path's active fraction is at most ``target``."""
+    lo = 0.5 if opts.get("coverage", True) else 0.05
+    hi, best = 1.0, None
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, **{**opts, "keep_ratio": mid})
+        if sb.param_report(tree)["active_fraction_max"] <= target:
+            best, lo = (mid, tree), mid
+        else:
+            hi = mid
+    if best is None:
+        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, **{**opts, "keep_ratio": lo})
+        frac = sb.param_report(tree)["active_fraction_max"]
+        if frac > target:
+            raise ValueError(f"target active fraction {target} is below what SigmaB reaches at keep_ratio={lo} "
+                             f"({frac:.3f}); raise the target, set prune_residual or coverage=False")
+        best = (lo, tree)
+    return best
+
+
+def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.data, cfg.data_root, seed=cfg.seed)
+    train, test = data.train, data.test
+    if cfg.train_limit:
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(train.labels), generator=g)[:cfg.train_limit]
+        train = type(train)(train.images[idx], train.labels[idx])
+    if cfg.test_limit:
+        test = type(test)(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
+    ft = cfg.finetune
+    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut)
+    if cfg.pretrain_epochs:
+        log(f"training the dense reference from scratch: {cfg.pretrain_epochs} epochs")
+        pre = FinetuneConfig(**{**ft.to_dict(), "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr})
+        finetune(dense, train.images, train.labels, data.normalize, pre, out_dir=out / "pretrain")
+    dense.eval()
+    dense_params = sum(p.numel() for p in dense.parameters())
+    reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]])
+    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, progress=False)
+    if cfg.target_fraction is not None:
+        keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction, dense_params)
+        budget = int(cfg.target_fraction * dense_params)
+    else:
+        keep, tree = cfg.keep_ratio, None
+        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, keep_ratio=keep, seed=cfg.seed, **opts)
+        budget = sb.param_report(tree)["active_params_max"]
+    run = RunContext(dense, calib, budget, {**opts, "keep_ratio": keep}, classifier_name(dense), cfg.seed)
+    log(f"dense {dense_params:,} params, top-1 {reference:.4f}; budget {budget:,} active params "
+        f"({budget / dense_params:.3f}), SigmaB keep ratio {keep:.3f}")
+    rows = []
+    for name in cfg.methods:
+        method = get_method(name)
+        t0 = time.perf_counter()
+        model = tree if (name == "sigmab" and tree is not None) else method.prepare(run)
+        tree = None if name == "sigmab" else tree
+        prepare_s = time.perf_counter() - t0
+        before = evaluate(model, test.images, test.labels, data.normalize)
+        torch.manual_seed(cfg.seed)
+        history = finetune(model, train.images, train.labels, data.normalize, ft,
+                           test=(test.images, test.labels), out_dir=out / name)
+        after = evaluate(model, test.images, test.labels, data.normalize)
+        if hasattr(model, "_sigmab_tree"):
+            rep = sb.param_report(model)
+            stored, active = rep["total_params"], rep["active_params_max"]
+        else:
+            stored = active = sum(p.numel() for p in model.parameters())
+        row = {"method": name, "stored_params": stored, "active_params": active,
+               "active_fraction": active / dense_params, "top1": after["top1"], "top1_before_finetune": before["top1"],
+               "latency_ms_b1": latency_ms(model, data.normalize(test.images[:1])),
+               "budget": budget if method.static else None, "within_budget": (active <= budget) if method.static else None,
+               "leaf_histogram": after.get("leaf_histogram"), "prepare_seconds": prepare_s,
+               "train_seconds": sum(h["seconds"] for h in history),
+               "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
+               "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "keep_ratio": keep if name == "sigmab" else None}
+        if name == "sigmab":
+            sb.save_branched(model, out / "sigmab" / "tree")
+        rows.append(row)
+        log(f"{name:9s} active {active:>11,} ({row['active_fraction']:.3f})  top-1 {before['top1']:.4f} -> "
+            f"{after['top1']:.4f}  ({row['train_seconds']:.0f}s)")
+    dense_row = next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])
+        r["dense_reference_top1"] = reference
+    write_outputs(rows, cfg, out)
+    return rows
+
+
+def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path) -> None:
+    cfg_dict = asdict(cfg)
+    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "rows": rows}, indent=1))
+    cols = ["method", "stored_params", "active_params", "active_fraction", "top1", "delta_vs_dense_pp",
+            "top1_before_finetune", "latency_ms_b1", "budget", "keep_ratio", "leaf_histogram"]
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "top1_vs_active.png", f"{cfg.model} on {cfg.data}")
+
+
+def plot(rows: List[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["active_fraction"], 100 * r["top1"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("active parameters / dense")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(rows: List[dict]) -> str:
+    head = f"{'method':10s} {'stored':>11s} {'active':>11s} {'frac':>6s} {'top-1':>7s} {'vs dense':>9s} {'b1 ms':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        d = r.get("delta_vs_dense_pp")
+        lines.append(f"{r['method']:10s} {r['stored_params']:>11,} {r['active_params']:>11,} "
+                     f"{r['active_fraction']:>6.3f} {100 * r['top1']:>6.2f}% "
+                     f"{'' if d is None else f'{d:+.2f}pp':>9s} {r['latency_ms_b1']:>7.2f}")
+    return "\n".join(lines)

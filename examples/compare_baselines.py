@@ -1,0 +1,99 @@
+"""Compare SigmaB with dense fine-tuning, FPGM (Torch-Pruning and NNI) and HRank in one fair harness.
+
+With no arguments: the embedded digits comparison (a CIFAR ResNet-20 trained from scratch on
+scikit-learn's digits, then every method fine-tuned with the same budget), a few minutes on 2 cores.
+
+    python examples/compare_baselines.py
+    python examples/compare_baselines.py --model resnet56 --data cifar10-jpeg \
+        --checkpoint ../shared/weights/resnet56-4bfd9763.th --shortcut A --epochs 2 --train-limit 10000
+    python examples/compare_baselines.py --sweep 0.5 0.75 1.0     # each method over several budgets
+
+Writes results.{json,csv} and top1_vs_active.png to --out and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from baselines.data import DATASETS  # noqa: E402
+from baselines.harness import HarnessConfig, format_table, plot, run_comparison  # noqa: E402
+from baselines.registry import available_methods  # noqa: E402
+from sigmab_plugin.finetune import FinetuneConfig  # noqa: E402
+
+
+def parse(argv=None) -> tuple:
+    ap = argparse.ArgumentParser(description="SigmaB vs static pruning, same data/budget/fine-tuning.")
+    ap.add_argument("--model", default="resnet20", help="resnet20/32/44/56 (CIFAR) or a timm model name")
+    ap.add_argument("--data", default="digits", choices=DATASETS)
+    ap.add_argument("--data-root", default=None, help="folder of the data (default ../shared/data for archives)")
+    ap.add_argument("--checkpoint", default=None, help="pretrained dense weights (local file)")
+    ap.add_argument("--shortcut", default="B", choices=["A", "B"], help="CIFAR ResNet shortcut option")
+    ap.add_argument("--methods", nargs="+", default=["dense", "sigmab", "fpgm", "hrank", "fpgm_nni"])
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--keep-ratio", type=float, default=0.5)
+    ap.add_argument("--no-residual", action="store_true", help="do not prune residual-stream channels")
+    ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
+    ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="train dense from scratch first (digits: 12)")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model")
+    ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    bad = [m for m in a.methods if m not in available_methods()]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; choose from {available_methods()}")
+    for k in [a.keep_ratio] + (a.sweep or []):
+        if not 0 < k <= 1:
+            ap.error(f"keep ratio {k} must lie in (0, 1]")
+    digits = a.data == "digits"
+    epochs = a.epochs if a.epochs is not None else (6 if digits else 4)
+    pre = a.pretrain_epochs if a.pretrain_epochs is not None else (12 if digits and not a.checkpoint else 0)
+    ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not digits, seed=a.seed,
+                        distill_weight=a.distill, progress=not a.quiet)
+    cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
+                        shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
+                        prune_residual=not a.no_residual, target_fraction=a.target_fraction, pretrain_epochs=pre,
+                        finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
+                        train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out)
+    return cfg, a.sweep
+
+
+def main(argv=None) -> list:
+    warnings.filterwarnings("ignore")
+    cfg, sweep = parse(argv)
+    try:
+        cfg.validate()
+        if not sweep:
+            rows = run_comparison(cfg)
+        else:
+            rows = []
+            for keep in sweep:
+                sub = HarnessConfig(**{**asdict(cfg), "finetune": cfg.finetune, "keep_ratio": keep,
+                                       "out_dir": str(Path(cfg.out_dir) / f"keep{keep}")})
+                rows += run_comparison(sub)
+            out = Path(cfg.out_dir)
+            (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+            plot(rows, out / "top1_vs_active.png", f"{cfg.model} on {cfg.data}: sweep {sweep}")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    print(format_table(rows))
+    print(f"\nwrote {cfg.out_dir}/results.json, results.csv, top1_vs_active.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
