@@ -184,9 +184,12 @@ def _torchvision_cifar(name: str, root: Path) -> Dataset:
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[label_key], dtype=np.int64))
         return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+    train, test = read(train_files), read(test_files)
+    if not (folder / meta[0]).is_file():
+        raise FileNotFoundError(f"{folder / meta[0]} not found: {name} expects torchvision's layout {sub}/{meta[0]}")
     with open(folder / meta[0], "rb") as fh:
         classes = list(pickle.load(fh, encoding="latin1")[meta[1]])
-    return Dataset(name, read(train_files), read(test_files), classes, *STATS[name])
+    return Dataset(name, train, test, classes, *STATS[name])
 
 
 def _imagefolder(root: Path) -> Dataset:

@@ -103,8 +103,10 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         g = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(train.labels), generator=g)[:cfg.train_limit]
         train = type(train)(train.images[idx], train.labels[idx])
-    if cfg.test_limit:
-        test = type(test)(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
+    if cfg.test_limit:  # a seeded random subset: the splits are stored sorted by class
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        idx = torch.randperm(len(test.labels), generator=g)[:cfg.test_limit].sort().values
+        test = type(test)(test.images[idx], test.labels[idx])
     ft = cfg.finetune
     dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut)
     if cfg.pretrain_epochs:

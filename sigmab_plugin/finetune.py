@@ -126,9 +126,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
 def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, normalize: Callable,
              cfg: FinetuneConfig, *, test: Optional[tuple] = None, teacher: Optional[nn.Module] = None,
              out_dir=None, resume: bool = False) -> List[dict]:
-    """Train ``model`` in place; returns the per-epoch log (also written to ``out_dir/log.jsonl``)."""
+    """Train ``model`` in place (its train/eval mode is restored); returns the per-epoch log (also
+    written to ``out_dir/log.jsonl``, with an atomic checkpoint per epoch in ``out_dir``)."""
     device = next(model.parameters()).device
     branched = _is_branched(model)
+    was_training = model.training
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, -(-len(train_labels) // cfg.batch_size))
@@ -144,6 +146,9 @@ def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.T
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             history, start = json.loads(ck["history"]), int(ck["epoch"]) + 1
+            tmp = out_dir / (LOG + ".tmp")  # the checkpoint is the truth: the log restarts from it
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+            os.replace(tmp, out_dir / LOG)
         elif not resume and (out_dir / LOG).exists():
             (out_dir / LOG).unlink()
     if teacher is not None:
@@ -175,20 +180,20 @@ def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.T
             if branched and cfg.balance_weight > 0 and model._sigmab_tree.last_leaf_probs is not None:
                 bal = leaf_balance(model._sigmab_tree.last_leaf_probs)
                 loss = loss + cfg.balance_weight * bal
-                sums["balance"] += float(bal) * len(idx)
+                sums["balance"] += float(bal.detach()) * len(idx)
             if teacher is not None and cfg.distill_weight > 0:
                 with torch.no_grad():
                     t_out = teacher(x)
                 tt = cfg.distill_temperature
                 kd = F.kl_div(F.log_softmax(out / tt, 1), F.softmax(t_out / tt, 1), reduction="batchmean") * tt * tt
                 loss = loss + cfg.distill_weight * kd
-                sums["distill"] += float(kd) * len(idx)
+                sums["distill"] += float(kd.detach()) * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            sums["loss"] += float(loss) * len(idx)
-            sums["ce"] += float(ce) * len(idx)
+            sums["loss"] += float(loss.detach()) * len(idx)
+            sums["ce"] += float(ce.detach()) * len(idx)
             sums["correct"] += int((out.argmax(1) == y).sum())
             sums["seen"] += len(idx)
         if branched:
@@ -206,6 +211,7 @@ def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.T
             _save_checkpoint(out_dir, model, opt, sched, epoch, history)
             with open(out_dir / LOG, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+    model.train(was_training)
     return history
 
 

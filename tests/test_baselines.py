@@ -1,0 +1,109 @@
+"""Baselines: HRank's importance, the two FPGM variants, the registry and the budget matching."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from baselines import registry
+from baselines.fpgm_nni import internal_convs, nni_masks
+from baselines.hrank import HRankImportance, feature_map_ranks
+from conftest import images, make_model
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hrank_ranks_equal_direct_matrix_rank():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0  # rank-0 maps (constant = bias) and ...
+        model.conv1.weight[3] = model.conv1.weight[3] * 0 + 1e-3  # ... a low-rank one
+    x = torch.randn(5, 3, 8, 8)
+    ranks = feature_map_ranks(model, x, batch_size=2)
+    with torch.no_grad():
+        maps = model.conv1(x).numpy()
+    direct = np.array([[np.linalg.matrix_rank(maps[i, c]) for c in range(8)] for i in range(5)]).mean(0)
+    assert np.allclose(ranks["conv1"].numpy(), direct)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1], verbose=False)
+    group = dg.get_pruning_group(model.conv1, tp.prune_conv_out_channels, list(range(8)))
+    imp = HRankImportance(ranks, model)(group)
+    assert torch.allclose(imp.double(), ranks["conv1"])  # single producer: the group score is its ranks
+
+
+def _paper_fpgm(w: torch.Tensor) -> torch.Tensor:
+    """FPGM as published: sum of Euclidean distances from each raw filter to all others."""
+    f = w.flatten(1).double()
+    return torch.cdist(f, f).sum(1)
+
+
+def test_nni_fpgm_follows_the_paper_on_raw_filters():
+    model = make_model("cifar_resnet_b")
+    layers = internal_convs(model, images(2), "fc")
+    assert layers and all(name.endswith("conv1") for name in layers)
+    removed = nni_masks(model, layers, 0.5)
+    for name in layers:
+        w = model.get_submodule(name).weight.detach()
+        expected = torch.topk(_paper_fpgm(w), w.shape[0] // 2, largest=False).indices.sort().values
+        assert torch.equal(removed[name].sort().values, expected), name
+
+
+def test_tp_fpgm_uses_powered_weights_and_consumers():
+    """Torch-Pruning's FPGMImportance = mean over producer rows and consumer columns of the distance
+    sums between |w|**2 vectors (then mean-normalised): not the paper's raw-filter score, so the two
+    FPGM baselines may pick different filters; the overlap is recorded below."""
+    model = make_model("cifar_resnet_b")
+    conv1, conv2 = model.layer2[1].conv1, model.layer2[1].conv2
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=images(1), verbose=False)
+    group = dg.get_pruning_group(conv1, tp.prune_conv_out_channels, list(range(conv1.out_channels)))
+    got = tp.importance.FPGMImportance(p=2)(group).double()
+    rows = conv1.weight.detach().flatten(1).abs().pow(2).double()
+    cols = conv2.weight.detach().transpose(0, 1).flatten(1).abs().pow(2).double()
+    expected = (torch.cdist(rows, rows).sum(0) + torch.cdist(cols, cols).sum(0)) / 2
+    expected = expected / expected.mean()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)  # TP computes in float32
+    k = conv1.out_channels // 2
+    tp_keep = set(torch.topk(got, k).indices.tolist())
+    paper_keep = set(torch.topk(_paper_fpgm(conv1.weight.detach()), k).indices.tolist())
+    assert 0 <= len(tp_keep & paper_keep) <= k  # overlap is data-dependent; printed by the report
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    assert {"dense", "sigmab", "fpgm", "hrank", "fpgm_nni"} <= set(registry.available_methods())
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("fpgm")(type("X", (registry.Method,), {}))
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        registry.get_method("magic")
+
+
+@pytest.mark.parametrize("name", ["fpgm", "hrank", "fpgm_nni"])
+def test_static_methods_meet_the_budget(name):
+    dense = make_model("cifar_resnet_b")
+    total = sum(p.numel() for p in dense.parameters())
+    run = registry.RunContext(dense, images(64), int(0.6 * total), {}, "fc")
+    model = registry.get_method(name).prepare(run)
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.9 * run.budget <= n <= run.budget
+    assert model(images(2)).shape == (2, 10)
+    assert sum(p.numel() for p in dense.parameters()) == total  # the dense reference is untouched
+
+
+def test_unreachable_budget_is_an_error():
+    run = registry.RunContext(make_model("cifar_resnet_b"), images(16), 100, {}, "fc")
+    with pytest.raises(ValueError, match="cannot reach the budget of 100"):
+        registry.get_method("fpgm").prepare(run)

@@ -1,0 +1,92 @@
+"""Soft-routing fine-tuning: determinism, exact resume after an interruption, logs and checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sigmab_plugin as sb
+import sigmab_plugin.finetune as ft
+from conftest import images, make_model
+
+X = (torch.rand(96, 3, 32, 32) * 255).to(torch.uint8)
+Y = torch.randint(0, 10, (96,), generator=torch.Generator().manual_seed(0))
+
+
+def _norm(x):
+    return x.float() / 127.5 - 1
+
+
+def _model(branched: bool):
+    m = make_model("cifar_resnet_b")
+    if branched:
+        sb.branch(m, depth=2, calib_data=_norm(X), progress=False)
+    return m
+
+
+CFG = ft.FinetuneConfig(epochs=3, batch_size=32, lr=0.05, progress=False)
+
+
+@pytest.mark.parametrize("branched", [False, True])
+def test_resume_after_interruption_equals_uninterrupted(branched, tmp_path, monkeypatch):
+    full = _model(branched)
+    ft.finetune(full, X, Y, _norm, CFG, out_dir=tmp_path / "full")
+
+    real_save = ft._save_checkpoint
+    calls = []
+
+    def crash_after_first(*args):
+        real_save(*args)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("simulated interruption")
+    monkeypatch.setattr(ft, "_save_checkpoint", crash_after_first)
+    part = _model(branched)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(part, X, Y, _norm, CFG, out_dir=tmp_path / "part")
+    monkeypatch.setattr(ft, "_save_checkpoint", real_save)
+    resumed = _model(branched)
+    history = ft.finetune(resumed, X, Y, _norm, CFG, out_dir=tmp_path / "part", resume=True)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "part" / ft.LOG).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert not any(p.suffix == ".tmp" for p in (tmp_path / "part").iterdir())
+
+
+def test_soft_training_trains_routers_and_anneals_temperature(tmp_path):
+    model = _model(True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "routers" in k and "centroids" in k}
+    cfg = ft.FinetuneConfig(epochs=3, batch_size=32, lr=0.05, progress=False, hard_epochs=1, balance_weight=0.5)
+    hist = ft.finetune(model, X, Y, _norm, cfg, test=(X[:32], Y[:32]))
+    temps = [h["temperature"] for h in hist]
+    assert temps[0] == cfg.temperature_start and temps[-1] == pytest.approx(cfg.temperature_end)
+    assert temps == sorted(temps, reverse=True)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert hist[0]["balance"] >= 0 and "test_leaf_histogram" in hist[-1]
+    assert sum(hist[-1]["test_leaf_histogram"]) == 32
+    assert model._sigmab_tree.mode == "auto" and not model.training
+
+
+def test_distillation_and_balance_terms():
+    probs = torch.full((8, 4), 0.25)
+    assert float(ft.leaf_balance(probs)) == pytest.approx(0.0)
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 0] = 1
+    assert float(ft.leaf_balance(collapsed)) == pytest.approx(3.0)
+    model, teacher = _model(True), make_model("cifar_resnet_b")
+    cfg = ft.FinetuneConfig(epochs=1, batch_size=48, progress=False, distill_weight=1.0)
+    hist = ft.finetune(model, X, Y, _norm, cfg, teacher=teacher)
+    assert hist[0]["distill"] > 0
+
+
+def test_augmentation_is_seeded_crop_and_flip():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    a = ft.augment_batch(x, torch.Generator().manual_seed(1), flip=True)
+    b = ft.augment_batch(x, torch.Generator().manual_seed(1), flip=True)
+    assert torch.equal(a, b) and a.shape == x.shape
+    with pytest.raises(ValueError, match="hard_epochs"):
+        ft.FinetuneConfig(epochs=1, hard_epochs=2)
