@@ -125,11 +125,11 @@ def _decode(data: bytes, size: Optional[int]) -> np.ndarray:
 def _archive(name: str, folder: Path) -> Dataset:
     file, train_dir, test_dir, size = ARCHIVES[name]
     path = folder / file if folder.is_dir() else folder
-    cached = cache_dir() / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data set {name!r} expects the archive {file} "
+                                f"(an ImageFolder tree {name}/{{{train_dir},{test_dir}}}/<class>/*.jpg)")
+    cached = cache_dir() / f"{name}-{path.stat().st_size}.npz"  # a different archive gets its own cache
     if not cached.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: data set {name!r} expects the archive {file} "
-                                    f"(an ImageFolder tree {name}/{{{train_dir},{test_dir}}}/<class>/*.jpg)")
         arrays = _read_archive(path, name, train_dir, test_dir, size)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp.npz")

@@ -45,6 +45,7 @@ class HarnessConfig:
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
     seed: int = 0
+    device: str = "cpu"
     out_dir: str = "runs/compare"
 
     def validate(self) -> None:
@@ -108,7 +109,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         idx = torch.randperm(len(test.labels), generator=g)[:cfg.test_limit].sort().values
         test = type(test)(test.images[idx], test.labels[idx])
     ft = cfg.finetune
-    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut)
+    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut).to(cfg.device)
     if cfg.pretrain_epochs:
         log(f"training the dense reference from scratch: {cfg.pretrain_epochs} epochs")
         pre = FinetuneConfig(**{**ft.to_dict(), "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr})
@@ -117,7 +118,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     dense_params = sum(p.numel() for p in dense.parameters())
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]])
+    calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]].to(cfg.device))
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, progress=False)
     if cfg.target_fraction is not None:
         keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction, dense_params)
@@ -148,7 +149,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
             stored = active = sum(p.numel() for p in model.parameters())
         row = {"method": name, "stored_params": stored, "active_params": active,
                "active_fraction": active / dense_params, "top1": after["top1"], "top1_before_finetune": before["top1"],
-               "latency_ms_b1": latency_ms(model, data.normalize(test.images[:1])),
+               "latency_ms_b1": latency_ms(model, data.normalize(test.images[:1].to(cfg.device))),
                "budget": budget if method.static else None, "within_budget": (active <= budget) if method.static else None,
                "leaf_histogram": after.get("leaf_histogram"), "prepare_seconds": prepare_s,
                "train_seconds": sum(h["seconds"] for h in history),

@@ -173,7 +173,7 @@ def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.T
             x = train_images[idx]
             if cfg.augment:
                 x = augment_batch(x, gen, cfg.flip)
-            x, y = normalize(x.to(device)), train_labels[idx].to(device)
+            x, y = normalize(x.to(device, non_blocking=True)), train_labels[idx].to(device)
             out = model(x)
             ce = F.cross_entropy(out, y)
             loss = ce

@@ -1,0 +1,79 @@
+"""Turn the real-data runs (runs/real/*/results.json) into benchmarks/results/real_results.{md,json}.
+
+    python benchmarks/report_real.py runs/real benchmarks/results
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine  # noqa: E402
+
+GOAL_REDUCTION, GOAL_PP, GOAL_MARGIN_PP = 0.55, 1.5, 15.0
+
+
+def _row(r: dict, dense_top1) -> str:
+    delta = "" if dense_top1 is None else f"{100 * (r['top1'] - dense_top1):+.2f}"
+    hist = r.get("leaf_histogram") or ""
+    return (f"| {r['method']} | {r['stored_params']:,} | {r['active_params']:,} | {r['active_fraction']:.3f} | "
+            f"{100 * r['top1_before_finetune']:.2f} | {100 * r['top1']:.2f} | {delta} | {r['latency_ms_b1']:.2f} | {hist} |")
+
+
+def main(runs: str, out: str) -> None:
+    runs, out = Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    lines = ["# SigmaB vs static pruning on real data", "",
+             f"Generated {m['date']} by `bash benchmarks/real_results.sh` (commit {m['commit']}) on {m['cpu']}, "
+             f"{m['threads']} threads, torch {m['torch']}, no GPU.", "",
+             "Every method starts from the same dense reference and gets the same fine-tuning (epochs, batch, "
+             "optimiser, schedule, augmentation, seed, data). Static methods are pruned to the active parameters "
+             "of SigmaB's largest path. Top-1 is on the held-out split with hard routing (deployed behaviour); "
+             "`before` is top-1 right after pruning/branching, before fine-tuning.", ""]
+    summary = {}
+    dense_by_data = {}
+    for res in sorted(runs.glob("*/results.json")):
+        data = json.loads(res.read_text())
+        rows, cfg = data["rows"], data["config"]
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        if dense is not None:
+            dense_by_data[(cfg["data"], cfg["model"])] = dense["top1"]
+        dense_top1 = dense_by_data.get((cfg["data"], cfg["model"]))
+        ft = cfg["finetune"]
+        lines += [f"## {res.parent.name}: {cfg['model']} on {cfg['data']}, depth {cfg['depth']}", "",
+                  f"Fine-tuning: {ft['epochs']} epochs on {rows[0]['train_images']:,} training images, batch "
+                  f"{ft['batch_size']}, SGD lr {ft['lr']} cosine, router temperature {ft['temperature_start']} -> "
+                  f"{ft['temperature_end']}, last {ft['hard_epochs']} epoch(s) hard-routed; evaluated on "
+                  f"{rows[0]['test_images']:,} images. Dense reference before fine-tuning: "
+                  f"{100 * rows[0]['dense_reference_top1']:.2f}%"
+                  + (f"; pretrained from scratch for {cfg['pretrain_epochs']} epochs here." if cfg["pretrain_epochs"] else "."),
+                  "", "| method | stored | active | active frac | top-1 before (%) | top-1 (%) | vs dense (pp) | b1 latency ms | leaf histogram |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [_row(r, dense_top1) for r in rows]
+        sig = next((r for r in rows if r["method"] == "sigmab"), None)
+        if sig is not None and dense_top1 is not None:
+            reduction = 1 - sig["active_fraction"]
+            gap = 100 * (dense_top1 - sig["top1"])
+            statics = {r["method"]: 100 * (r["top1"] - sig["top1"]) for r in rows if r.get("budget")}
+            verdict = reduction >= GOAL_REDUCTION and gap <= GOAL_PP
+            lines += ["", f"Goal (>= {GOAL_REDUCTION:.0%} fewer active params within {GOAL_PP} pp of dense): "
+                          f"reduction {reduction:.1%}, gap {gap:.2f} pp -> **{'met' if verdict else 'not met'}**.",
+                      "At the same active budget, static methods minus SigmaB (pp): "
+                      + ", ".join(f"{k} {v:+.2f}" for k, v in statics.items()) + "."]
+            summary[res.parent.name] = {"reduction": reduction, "gap_pp": gap, "goal_met": verdict,
+                                        "static_minus_sigmab_pp": statics}
+        plot = res.parent / "top1_vs_active.png"
+        if plot.is_file():
+            shutil.copy(plot, out / f"real_{res.parent.name}.png")
+            lines += ["", f"![top-1 vs active fraction](real_{res.parent.name}.png)"]
+        lines.append("")
+    (out / "real_results.json").write_text(json.dumps({"machine": m, "summary": summary}, indent=1))
+    (out / "real_results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*(sys.argv[1:3] if len(sys.argv) >= 3 else ("runs/real", "benchmarks/results")))
