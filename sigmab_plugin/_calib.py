@@ -67,6 +67,15 @@ def _finite(t: torch.Tensor, where: str) -> None:
                          "data; check its weights and the input normalisation")
 
 
+def route_children(routers: List[CosineRouter], parent: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Child node id of every row, given its parent node id and the split-point output ``out``."""
+    child = torch.empty_like(parent)
+    for j in torch.unique(parent).tolist():
+        rows = parent == j
+        child[rows] = 2 * j + routers[j](out[rows]).argmax(1)
+    return child
+
+
 def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, device) -> List[torch.Tensor]:
     """Pass 1: pooled features at every split point, (N, C_l) float32 on the CPU."""
     store: Dict[str, List[torch.Tensor]] = {s: [] for s in split_points}
@@ -100,12 +109,7 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
 
     for l, s in enumerate(split_points):
         def route_hook(_m, _i, out, l=l):
-            parent = node[l]
-            child = torch.empty_like(parent)
-            for j in torch.unique(parent).tolist():
-                rows = parent == j
-                child[rows] = 2 * j + routers[l][j](out[rows]).argmax(1)
-            node[l + 1] = child
+            child = node[l + 1] = route_children(routers[l], node[l], out)
             counts[l + 1].index_add_(0, child.cpu(), torch.ones(child.shape[0], dtype=torch.float64))
         handles.append(model.get_submodule(s).register_forward_hook(route_hook))
 

@@ -71,15 +71,11 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
                     consumers[name] = (list(item.idxs), list(item.root_idxs))
             if isinstance(module, _CONV) and 1 < module.groups < module.in_channels:
                 align = max(align, module.groups)
-        producers = sum(1 for n in outs - ins if isinstance(names_to_module(model, n), _PARAM_LAYERS)
-                        and getattr(names_to_module(model, n), "groups", 1) == 1)
+        writers = [model.get_submodule(n) for n in outs - ins]  # layers that only write these channels
+        producers = sum(1 for m in writers if isinstance(m, _PARAM_LAYERS) and getattr(m, "groups", 1) == 1)
         n = dg.get_out_channels(root)
         infos.append(GroupInfo(names[root], n, levels, producers, align, consumers))
     return infos
-
-
-def names_to_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def _keep_count(ratio: float, n: int, round_to: int) -> int:

@@ -72,8 +72,7 @@ def split_candidates(model: nn.Module, trace: Trace) -> List[str]:
     info = getattr(model, "feature_info", None)
     if info is not None:
         entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-        names = [e["module"].replace("_", ".") if e["module"] not in dict(model.named_modules()) else e["module"]
-                 for e in entries if isinstance(e, dict) and "module" in e]
+        names = [e["module"] for e in entries if isinstance(e, dict) and "module" in e]
     if not names:
         names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
     return [n for n in names if trace.calls.get(n) == 1]

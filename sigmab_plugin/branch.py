@@ -10,7 +10,7 @@ failed final check puts the original modules back.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +80,7 @@ def _refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], r
     handles = []
     for l, s in enumerate(split_points):
         def dense_hook(_m, _i, out, l=l):
-            parent = path[l]
-            child = torch.empty_like(parent)
-            for j in torch.unique(parent).tolist():
-                rows = parent == j
-                child[rows] = 2 * j + routers[l][j](out[rows]).argmax(1)
-            path[l + 1] = child
+            path[l + 1] = _calib.route_children(routers[l], path[l], out)
         handles.append(dense.get_submodule(s).register_forward_hook(dense_hook))
     for m in tree.modules():
         if isinstance(m, RoutedModule) and m.routers is not None and m.level >= 2:
@@ -167,7 +162,8 @@ def first_consumers(model: nn.Module, trace: _trace.Trace, units: List[str]) -> 
     return out
 
 
-def build_tree(model: nn.Module, spec: dict, example: torch.Tensor, routers: List[List[CosineRouter]]) -> Dict[str, nn.Module]:
+def build_tree(model: nn.Module, spec: dict, example: torch.Tensor,
+               routers: List[List[CosineRouter]]) -> Tuple[Dict[str, nn.Module], TreeState]:
     """Build the routed modules described by ``spec`` from the dense ``model`` (not modified)."""
     levels = spec["levels"]
     depth = len(levels)
