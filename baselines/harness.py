@@ -37,6 +37,7 @@ class HarnessConfig:
     depth: int = 2
     keep_ratio: float = 0.5
     prune_residual: bool = True
+    coverage: bool = True  # SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -119,7 +120,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
     g = torch.Generator().manual_seed(cfg.seed + 1)
     calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]].to(cfg.device))
-    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, progress=False)
+    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, progress=False)
     if cfg.target_fraction is not None:
         keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction, dense_params)
         budget = int(cfg.target_fraction * dense_params)

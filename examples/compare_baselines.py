@@ -38,6 +38,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--no-residual", action="store_true", help="do not prune residual-stream channels")
+    ap.add_argument("--no-coverage", action="store_true", help="siblings need not hold every channel (keep < 0.5)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
@@ -65,7 +66,8 @@ def parse(argv=None) -> tuple:
                         distill_weight=a.distill, progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
-                        prune_residual=not a.no_residual, target_fraction=a.target_fraction, pretrain_epochs=pre,
+                        prune_residual=not a.no_residual, coverage=not a.no_coverage,
+                        target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out)
     return cfg, a.sweep

@@ -39,9 +39,10 @@ def _resolve_config(config, **kwargs) -> BranchConfig:
 
 def _fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):
     """Spherical k-means (k=2) on one node's features; returns the router and each sample's child."""
-    km = spherical_kmeans(feats, 2, restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters, seed=seed,
+    center = feats.mean(0)
+    km = spherical_kmeans(feats - center, 2, restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters, seed=seed,
                           min_share=cfg.min_cluster_share)
-    router = CosineRouter(km.centroids, 1.0)
+    router = CosineRouter(km.centroids, 1.0, center=center)
     return router, _set_threshold(router, feats, int((km.labels == 0).sum()), cfg.router_tau)
 
 
@@ -108,11 +109,14 @@ def _refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], r
         node, target = torch.cat([t[1] for t in feats[l]]), torch.cat([t[2] for t in feats[l]])
         for j, router in enumerate(routers[l]):
             rows = node == j
-            fj, tj = F.normalize(f[rows], dim=1), target[rows]
+            fj, tj = f[rows], target[rows]
             if int(tj.sum()) in (0, len(tj)):
                 continue  # one child only: keep the dense fit
+            center = fj.mean(0)
+            unit = F.normalize(fj - center, dim=1)
             with torch.no_grad():
-                router.centroids.copy_(torch.stack([F.normalize(fj[tj == c].mean(0), dim=0) for c in (0, 1)]))
+                router.center.copy_(center)
+                router.centroids.copy_(torch.stack([F.normalize(unit[tj == c].mean(0), dim=0) for c in (0, 1)]))
             _set_threshold(router, fj.to(router.centroids.device), int((tj == 0).sum()), cfg.router_tau)
 
 
@@ -145,7 +149,8 @@ def _classifier(model: nn.Module, trace: _trace.Trace) -> List[str]:
     if callable(get):
         head = get()
         if isinstance(head, nn.Module) and head in names and any(True for _ in head.parameters()):
-            layers = [f"{names[head]}.{n}".strip(".") for n, m in head.named_modules() if isinstance(m, _split._PARAM_LAYERS)]
+            layers = [f"{names[head]}.{n}".strip(".") for n, m in head.named_modules()
+                      if isinstance(m, _split._PARAM_LAYERS)]
             if layers:
                 return layers[-1:]
     layers = [n for n in trace.order if isinstance(model.get_submodule(n), _split._PARAM_LAYERS)]
@@ -180,8 +185,7 @@ def build_tree(model: nn.Module, spec: dict, example: torch.Tensor,
             prev = None if l == 1 else _split.boundary_index(infos, plan, consumers[levels[l - 2][-1]])
             for u, m in zip(lv, node_units):
                 out = _split.boundary_index(infos, plan, consumers[u])
-                t = lambda v: None if v is None else torch.tensor(v, dtype=torch.long, device=example.device)
-                variants[u].append(NodeVariant(m, t(prev), t(out), widths[u]))
+                variants[u].append(NodeVariant(m, _index(prev, example.device), _index(out, example.device), widths[u]))
                 prev = out
     routed = {}
     for l, lv in enumerate(levels, start=1):
@@ -189,6 +193,10 @@ def build_tree(model: nn.Module, spec: dict, example: torch.Tensor,
             routed[u] = RoutedModule(state, l, variants[u], routers[l - 1] if i == 0 else None,
                                      is_first=(l == 1 and i == 0), is_last=(u == units[-1]))
     return routed, state
+
+
+def _index(values: Optional[List[int]], device) -> Optional[torch.Tensor]:
+    return None if values is None else torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _output_widths(model: nn.Module, units: List[str], example: torch.Tensor) -> List[int]:

@@ -31,19 +31,24 @@ def pool_features(x: torch.Tensor) -> torch.Tensor:
 
 
 class CosineRouter(nn.Module):
-    """Two-way cosine classifier: ``logits = tau * cos(pool(x), c_k) + b_k``; rows of ``centroids`` are c_k.
+    """Two-way cosine classifier: ``logits = tau * cos(pool(x) - center, c_k) + b_k``; rows of ``centroids`` are c_k.
 
-    ``tau`` is a buffer (saved with the tree): branch() sets it per router from the calibration margins.
+    ``center`` (the node's mean calibration feature) and ``tau`` are buffers saved with the tree;
+    branch() sets both per router. Centring matters: pooled post-ReLU features share one orthant, so
+    uncentred cosines are all close to 1 and a router on them is ill-conditioned.
     """
 
-    def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None):
+    def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None,
+                 center: Optional[torch.Tensor] = None):
         super().__init__()
         self.centroids = nn.Parameter(centroids.detach().clone().float())
         self.bias = nn.Parameter(torch.zeros(centroids.shape[0]) if bias is None else bias.detach().clone().float())
         self.register_buffer("tau", torch.tensor(float(tau)))
+        dim = centroids.shape[1]
+        self.register_buffer("center", torch.zeros(dim) if center is None else center.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(pool_features(x).float(), dim=1)
+        f = F.normalize(pool_features(x).float() - self.center, dim=1)
         return self.tau * f @ F.normalize(self.centroids, dim=1).T + self.bias
 
 
