@@ -106,3 +106,25 @@ def test_soft_routing_is_differentiable(family):
     routers = [r for m in routed if m.routers is not None for r in m.routers]
     assert all(r.centroids.grad is not None and r.centroids.grad.abs().sum() > 0 for r in routers)
     assert all(p.grad is not None for m in routed for p in m.variants.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["resnext", "regnet"])
+def test_grouped_conv_keep_sets_are_aligned(family):
+    """Keep-sets of groups with grouped convolutions keep the same local positions in every group."""
+    _, tree = _branched(family, depth=2, keep_ratio=0.5)
+    dense = make_model(family)
+    checked = 0
+    for node, plan in tree._sigmab_tree.spec["plan"].items():
+        for key, kept in plan.items():
+            grouped = [m for m in dense.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels
+                       and m.in_channels == dense.get_submodule(key).out_channels]
+            if not grouped:
+                continue
+            g, n = grouped[0].groups, dense.get_submodule(key).out_channels
+            m = n // g
+            local = [sorted(c % m for c in kept if c // m == i) for i in range(g)]
+            if all(loc == local[0] for loc in local) and len(kept) == g * len(local[0]):
+                checked += 1
+            else:
+                pytest.fail(f"{node} {key}: keep-set not aligned to {g} groups")
+    assert checked > 0
