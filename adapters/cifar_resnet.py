@@ -13,7 +13,10 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
+
+from sigmab_plugin import register_pruner
 
 DEPTHS = (20, 32, 44, 56)
 CIFAR10_MEAN, CIFAR10_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # akamaster's normalisation
@@ -21,14 +24,55 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 class PadShortcut(nn.Module):
-    """Option A: subsample by 2 and zero-pad the new channels equally on both sides."""
+    """Option A: subsample by 2 and zero-pad the new channels equally on both sides.
 
-    def __init__(self, planes: int):
+    Written as an explicit channel map (output channel ``dst[i]`` = input channel ``src[i]``, all
+    others zero) so that channel pruning can edit it: ``PadShortcutPruner`` teaches Torch-Pruning's
+    DependencyGraph to prune through it (a plain ``F.pad`` on channels is mis-traced by Torch-Pruning).
+    """
+
+    def __init__(self, in_planes: int, planes: int):
         super().__init__()
-        self.pad = planes // 4
+        pad = planes // 4
+        self.in_channels, self.out_channels = in_planes, planes
+        self.register_buffer("src", torch.arange(in_planes), persistent=False)
+        self.register_buffer("dst", torch.arange(in_planes) + pad, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        x = x[:, :, ::2, ::2]
+        out = x.new_zeros((x.shape[0], self.out_channels, x.shape[2], x.shape[3]))
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+
+class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner of ``PadShortcut``: input and output channels are pruned independently."""
+
+    def prune_out_channels(self, layer: PadShortcut, idxs):
+        pos = {o: i for i, o in enumerate(sorted(set(range(layer.out_channels)) - set(idxs)))}
+        pairs = [(pos[d], s) for d, s in zip(layer.dst.tolist(), layer.src.tolist()) if d in pos]
+        return self._set(layer, pairs, layer.in_channels, len(pos))
+
+    def prune_in_channels(self, layer: PadShortcut, idxs):
+        pos = {c: i for i, c in enumerate(sorted(set(range(layer.in_channels)) - set(idxs)))}
+        pairs = [(d, pos[s]) for d, s in zip(layer.dst.tolist(), layer.src.tolist()) if s in pos]
+        return self._set(layer, pairs, len(pos), layer.out_channels)
+
+    @staticmethod
+    def _set(layer: PadShortcut, pairs, n_in: int, n_out: int) -> PadShortcut:
+        device = layer.src.device
+        layer.dst = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=device)
+        layer.src = torch.tensor([s for _, s in pairs], dtype=torch.long, device=device)
+        layer.in_channels, layer.out_channels = n_in, n_out
+        return layer
+
+    def get_out_channels(self, layer: PadShortcut) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: PadShortcut) -> int:
+        return layer.in_channels
+
+
+register_pruner(PadShortcut, PadShortcutPruner())
 
 
 class BasicBlock(nn.Module):
@@ -40,7 +84,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or in_planes != planes:
-            self.downsample = PadShortcut(planes) if shortcut == "A" else nn.Sequential(
+            self.downsample = PadShortcut(in_planes, planes) if shortcut == "A" else nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

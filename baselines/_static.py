@@ -8,6 +8,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from sigmab_plugin._split import custom_pruners
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -17,7 +19,8 @@ def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, 
     model.eval()
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=ratio,
-                                      ignored_layers=[model.get_submodule(classifier)])
+                                      ignored_layers=[model.get_submodule(classifier)],
+                                      customized_pruners=custom_pruners())
         pruner.step()
     return model
 

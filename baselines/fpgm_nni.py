@@ -18,6 +18,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from sigmab_plugin._split import build_graph
+
 from ._static import count_params
 from .registry import Method, RunContext, register_method
 
@@ -25,8 +27,7 @@ from .registry import Method, RunContext, register_method
 def internal_convs(model: nn.Module, example: torch.Tensor, classifier: str) -> List[str]:
     """Convs that alone write a coupled channel group (no residual partner), excluding the classifier."""
     probe = copy.deepcopy(model).eval()
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example, verbose=False)
+    dg = build_graph(probe, example)
     names = {m: n for n, m in probe.named_modules()}
     out = []
     for group in dg.get_all_groups(ignored_layers=[probe.get_submodule(classifier)], root_module_types=[nn.Conv2d]):
@@ -53,8 +54,7 @@ def nni_masks(model: nn.Module, layers: List[str], ratio: float) -> Dict[str, to
 def apply_masks(model: nn.Module, example: torch.Tensor, removed: Dict[str, torch.Tensor]) -> nn.Module:
     """Prune the masked filters (and everything coupled) through the DependencyGraph."""
     m = copy.deepcopy(model).eval()
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(m, example_inputs=example, verbose=False)
+    dg = build_graph(m, example)
     for name, idx in removed.items():
         if len(idx):
             dg.get_pruning_group(m.get_submodule(name), tp.prune_conv_out_channels, idx.tolist()).prune()

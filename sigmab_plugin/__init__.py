@@ -4,6 +4,7 @@ Restructure a pretrained dense network into a binary tree (shared backbone, cosi
 channel-pruned leaves), initialised by activation-aware spherical k-means; each input runs one
 root-to-leaf path, so only that path's weights are read per inference.
 """
+from ._split import register_pruner
 from .branch import branch
 from .config import BranchConfig
 from .io import load_branched, save_branched
@@ -19,6 +20,7 @@ __all__ = [
     "branch",
     "load_branched",
     "param_report",
+    "register_pruner",
     "route",
     "save_branched",
     "set_routing",

@@ -22,6 +22,21 @@ _CONV = (nn.Conv1d, nn.Conv2d)
 _PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
+_CUSTOM_PRUNERS: Dict[type, object] = {}
+
+
+def register_pruner(module_type: type, pruner) -> None:
+    """Teach every DependencyGraph this project builds to prune ``module_type`` with ``pruner``
+    (a ``tp.pruner.BasePruningFunc``), e.g. a shortcut that pads channels. Duplicates are refused."""
+    if module_type in _CUSTOM_PRUNERS:
+        raise ValueError(f"a pruner for {module_type.__name__} is already registered")
+    _CUSTOM_PRUNERS[module_type] = pruner
+
+
+def custom_pruners() -> Dict[type, object]:
+    return dict(_CUSTOM_PRUNERS)
+
+
 @dataclass
 class GroupInfo:
     key: str  # root module name
@@ -43,7 +58,8 @@ def _level_of(name: str, unit_level: Dict[str, int]) -> int:
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     model.eval()  # tracing must not touch BatchNorm statistics
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                     customized_pruners=custom_pruners())
 
 
 def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[str, int],

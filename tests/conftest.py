@@ -12,6 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from adapters.cifar_resnet import cifar_resnet
+from sigmab_plugin._split import custom_pruners
 
 warnings.filterwarnings("ignore")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -66,7 +67,8 @@ def masked_dense(dense: nn.Module, tree: nn.Module, leaf: int) -> nn.Module:
     probe = copy.deepcopy(dense).eval()
     example = torch.zeros(2, *spec["input_shape"])
     with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example, verbose=False)
+        dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example, verbose=False,
+                                                   customized_pruners=custom_pruners())
     names = {m: n for n, m in probe.named_modules()}
     masks = {}
     for level in range(1, depth + 1):
@@ -83,7 +85,7 @@ def masked_dense(dense: nn.Module, tree: nn.Module, leaf: int) -> nn.Module:
                 mod = item.dep.target.module
                 name = names.get(mod)
                 if (name is None or not dg.is_in_channel_pruning_fn(item.dep.handler)
-                        or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear))
+                        or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear, *custom_pruners()))
                         or not any(name == u or name.startswith(u + ".") for u in units)):
                     continue
                 masks.setdefault(name, set()).update(item.idxs)

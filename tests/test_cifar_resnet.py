@@ -61,3 +61,23 @@ def test_bad_arguments():
         CifarResNet(18)
     with pytest.raises(ValueError, match="shortcut='C'"):
         CifarResNet(20, shortcut="C")
+
+
+def test_pad_shortcut_pruner_keeps_the_channel_map():
+    """Pruning through the option-A shortcut equals masking the pruned channels of the dense block."""
+    import torch_pruning as tp
+
+    from adapters.cifar_resnet import PadShortcut, PadShortcutPruner
+
+    pad = PadShortcut(4, 8)
+    x = torch.randn(2, 4, 6, 6)
+    ref = pad(x)
+    assert torch.equal(ref[:, 2:6], x[:, :, ::2, ::2]) and ref[:, [0, 1, 6, 7]].abs().sum() == 0
+    pruner = PadShortcutPruner()
+    pruner.prune_in_channels(pad, [1])  # input channel 1 removed: its output position becomes zero
+    pruner.prune_out_channels(pad, [0, 3])  # output channels 0 and 3 removed
+    keep_out = [1, 2, 4, 5, 6, 7]
+    masked = ref.clone()
+    masked[:, 3] = 0
+    assert torch.equal(pad(x[:, [0, 2, 3]]), masked[:, keep_out])
+    assert isinstance(pruner, tp.pruner.function.BasePruningFunc)
