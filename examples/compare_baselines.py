@@ -46,6 +46,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model")
+    ap.add_argument("--hard-epochs", type=int, default=1, help="last epochs trained with hard routing (SigmaB)")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--calib-size", type=int, default=512)
@@ -63,7 +64,7 @@ def parse(argv=None) -> tuple:
     epochs = a.epochs if a.epochs is not None else (6 if digits else 4)
     pre = a.pretrain_epochs if a.pretrain_epochs is not None else (12 if digits and not a.checkpoint else 0)
     ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not digits, seed=a.seed,
-                        distill_weight=a.distill, progress=not a.quiet)
+                        distill_weight=a.distill, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=not a.no_coverage,
