@@ -38,7 +38,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 112, 224])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the saved JSON")
     args = ap.parse_args(argv)
+    if args.report_only:
+        results = json.loads((Path(args.out) / "branch_resnet50.json").read_text())
+        (Path(args.out) / "branch_resnet50.md").write_text(report(results))
+        return results
     torch.manual_seed(0)
     data = load_dataset("imagenette-112", limit=args.images)
     calib = data.normalize(data.train.images)
@@ -120,7 +125,17 @@ def report(r: dict) -> str:
                      f"{t['mac_fraction_sample']:.3f} | {t['latency_dense_ms']:.1f} | {t['latency_tree_ms']:.1f} | "
                      f"{t['latency_ratio']:.2f} | {t['goal_latency']} | {t['throughput_dense']:.1f} | "
                      f"{t['throughput_tree']:.1f} | {t['throughput_ratio']:.2f} | {t['goal_throughput']} |")
-    lines += ["", f"branch() under 60 s: {r['goal_branch_under_60s']}", ""]
+    lines += ["", f"branch() under 60 s: {r['goal_branch_under_60s']}", "",
+              "Goals: batch-1 latency ratio <= active fraction + 0.10 at 32 px and <= MAC fraction + 0.10 at "
+              "224 px; batch-64 throughput ratio >= 0.8 / MAC fraction.", "",
+              "Reading (why goals are missed on this machine): the tree runs the same number of layers as "
+              "the dense model, only thinner, so the fixed cost per layer call does not shrink with the "
+              "weights; on this CPU at 32 px the batch-1 latency follows the MAC fraction more than the "
+              "active-parameter fraction (the weights are not the only bottleneck of a 2-core CPU with a "
+              "large L3). At batch 64 hard routing splits the batch over the leaves, so each variant runs "
+              "a quarter-size batch (smaller, less efficient GEMMs) plus gather/scatter copies; throughput "
+              "then rises less than 1/MAC fraction. Routing itself (pool, cosine router, argsort, index "
+              "copies) is a small fixed cost per routed unit.", ""]
     return "\n".join(lines)
 
 
