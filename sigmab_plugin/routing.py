@@ -158,8 +158,23 @@ class RoutedModule(nn.Module):
     def _run_variants(self, x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
         groups = _groups(node, len(self.variants))
         if len(groups) == 1:
-            return self.variants[groups[0][0]](x)
-        return torch.cat([self.variants[n](x[idx]) for n, idx in groups])
+            return self._run(groups[0][0], x)
+        return torch.cat([self._run(n, x[idx]) for n, idx in groups])
+
+    def _run(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        variant = self.variants[n]
+        if not (self.training and x.shape[0] == 1):
+            return variant(x)
+        # a one-sample training sub-batch (hard routing): batch statistics are undefined, so the
+        # node's norm layers use their running statistics for this call
+        norms = [m for m in variant.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in norms:
+            m.eval()
+        try:
+            return variant(x)
+        finally:
+            for m in norms:
+                m.train()
 
     def _finish(self, y: torch.Tensor, ctx: _Context) -> torch.Tensor:
         self._tree.last_leaves = self._tree.last_leaf_probs = None

@@ -203,3 +203,19 @@ def test_forced_leaves_select_the_path():
             model(X)
         assert state.last_leaves.tolist() == [leaf] * len(X)
     state.forced_leaves = None
+
+
+def test_hard_routed_training_with_a_one_sample_leaf():
+    """A leaf that receives one training sample (hard routing) must not break BatchNorm."""
+    model = sb.branch(make_model("resnet"), depth=2, calib_data=CALIB, progress=False)
+    model.train()
+    sb.set_routing(model, "hard")
+    state = model._sigmab_tree
+    state.forced_leaves = torch.tensor([0, 0, 0, 3])
+    try:
+        out = model(X[:4])
+    finally:
+        state.forced_leaves = None
+    out.sum().backward()
+    assert state.last_leaves.tolist() == [0, 0, 0, 3]
+    assert model.fc.variants[3].module.weight.grad is not None
