@@ -32,14 +32,11 @@ def prune_to_budget(dense: nn.Module, example: torch.Tensor, make_importance: Ca
     if budget >= dense_count:
         return copy.deepcopy(dense)
     lo, hi, best = 0.0, 0.99, None
-    smallest = None
     for _ in range(iters):
         mid = (lo + hi) / 2
         m = copy.deepcopy(dense)
         tp_prune(m, example, make_importance(m), mid, classifier)
-        n = count_params(m)
-        smallest = n if smallest is None else min(smallest, n)
-        if n <= budget:
+        if count_params(m) <= budget:
             best, hi = m, mid
         else:
             lo = mid

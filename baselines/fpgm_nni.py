@@ -84,18 +84,18 @@ class FPGMNNI(Method):
         layers = internal_convs(run.dense, example, run.classifier)
         if count_params(run.dense) <= run.budget:
             return copy.deepcopy(run.dense)
-        lo, hi, best = 0.0, 0.99, None
+        lo, hi, best, estimate = 0.0, 0.99, None, None
         for _ in range(12):
             mid = (lo + hi) / 2
-            if count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, mid))) <= run.budget:
-                best, hi = mid, mid
+            n = count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, mid)))
+            if n <= run.budget:
+                best, estimate, hi = mid, n, mid
             else:
                 lo = mid
         if best is None:
             smallest = count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, 0.99)))
             raise ValueError(f"fpgm_nni cannot reach the budget of {run.budget:,} active params: pruning only "
                              f"block-internal convs leaves {smallest:,}; raise the budget or drop fpgm_nni")
-        estimate = count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, best)))
         model = nni_speedup(run.dense, layers, best, example)
         if count_params(model) != estimate:
             raise RuntimeError(f"NNI ModelSpeedup left {count_params(model):,} params, expected {estimate:,}")

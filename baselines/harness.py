@@ -73,7 +73,7 @@ def latency_ms(model: nn.Module, x1: torch.Tensor, repeat: int = 20) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _branch_to_fraction(dense, calib, opts, target: float, dense_params: int):
+def _branch_to_fraction(dense, calib, opts, target: float):
     """Bisect SigmaB's keep ratio so the largest path's active fraction is at most ``target``."""
     lo = 0.5 if opts.get("coverage", True) else 0.05
     hi, best = 1.0, None
@@ -122,10 +122,10 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]].to(cfg.device))
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, progress=False)
     if cfg.target_fraction is not None:
-        keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction, dense_params)
+        keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction)
         budget = int(cfg.target_fraction * dense_params)
     else:
-        keep, tree = cfg.keep_ratio, None
+        keep = cfg.keep_ratio
         tree = sb.branch(copy.deepcopy(dense), calib_data=calib, keep_ratio=keep, seed=cfg.seed, **opts)
         budget = sb.param_report(tree)["active_params_max"]
     run = RunContext(dense, calib, budget, {**opts, "keep_ratio": keep}, classifier_name(dense), cfg.seed)
@@ -135,8 +135,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     for name in cfg.methods:
         method = get_method(name)
         t0 = time.perf_counter()
-        model = tree if (name == "sigmab" and tree is not None) else method.prepare(run)
-        tree = None if name == "sigmab" else tree
+        model = tree if name == "sigmab" else method.prepare(run)  # the budget-setting tree is SigmaB's
         prepare_s = time.perf_counter() - t0
         before = evaluate(model, test.images, test.labels, data.normalize)
         torch.manual_seed(cfg.seed)

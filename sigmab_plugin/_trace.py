@@ -21,11 +21,12 @@ class Trace:
     exit: Dict[str, int]  # last hook event index per module name
     calls: Dict[str, int]
     order: List[str]  # module names in order of first call
+    width: Dict[str, int]  # size of dim 1 (channels) of each module's output (0 if not a tensor of ndim > 1)
 
 
 def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
     """Run ``model(example)`` once (eval, no grad) and record when every submodule enters and exits."""
-    enter, exit_, calls, order, handles = {}, {}, {}, [], []
+    enter, exit_, calls, order, width, handles = {}, {}, {}, [], {}, []
     clock = [0]
 
     def pre(name):
@@ -38,9 +39,10 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
         return hook
 
     def post(name):
-        def hook(_m, _inp, _out):
+        def hook(_m, _inp, out):
             clock[0] += 1
             exit_[name] = clock[0]
+            width[name] = out.shape[1] if torch.is_tensor(out) and out.ndim > 1 else 0
         return hook
 
     for name, m in model.named_modules():
@@ -56,7 +58,7 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return Trace(enter, exit_, calls, order)
+    return Trace(enter, exit_, calls, order, width)
 
 
 def _parent(name: str) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from . import _calib, _split, _trace
 from .config import BranchConfig
 from .kmeans import spherical_kmeans
-from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState, pool_features
+from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState, pool_features, set_routing
 
 SPEC_FORMAT = "sigmab-tree"
 _UNSET = object()
@@ -199,20 +199,6 @@ def _index(values: Optional[List[int]], device) -> Optional[torch.Tensor]:
     return None if values is None else torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _output_widths(model: nn.Module, units: List[str], example: torch.Tensor) -> List[int]:
-    widths, handles = {}, []
-    for u in units:
-        handles.append(model.get_submodule(u).register_forward_hook(
-            lambda _m, _i, out, u=u: widths.__setitem__(u, out.shape[1] if out.ndim > 1 else 0)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return [widths[u] for u in units]
-
-
 def swap_in(model: nn.Module, routed: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
     originals = {}
     for name, new in routed.items():
@@ -303,7 +289,7 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
     spec = {
         "format": SPEC_FORMAT, "version": 1, "model": type(model).__name__, "config": cfg.to_dict(),
         "split_points": split_points, "levels": levels, "classifier": classifier,
-        "consumers": first_consumers(model, trace, units), "widths": _output_widths(model, units, example),
+        "consumers": first_consumers(model, trace, units), "widths": [trace.width[u] for u in units],
         "input_shape": list(example.shape[1:]), "dense_params": sum(p.numel() for p in model.parameters()),
         "plan": plans, "calibration": {"samples": n, "shares": shares},
     }
@@ -323,8 +309,6 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
 
 
 def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
-    from .routing import set_routing
-
     with torch.no_grad():
         for mode in ("hard", "soft"):
             set_routing(model, mode)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branch import _is_branched
 from .routing import set_routing
 
 CHECKPOINT = "checkpoint.pt"
@@ -70,10 +71,6 @@ class FinetuneConfig:
             return self.temperature_end
         a = epoch / (self.epochs - 1)
         return self.temperature_start * (self.temperature_end / self.temperature_start) ** a
-
-
-def _is_branched(model: nn.Module) -> bool:
-    return hasattr(model, "_sigmab_tree")
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._trace import trace_calls
 from .branch import SPEC_FORMAT, _is_branched, build_tree, swap_in
 from .routing import CosineRouter, tree_state
 
@@ -55,10 +56,9 @@ def load_branched(base_model: nn.Module, directory) -> nn.Module:
                          f"from {spec['model']} with {spec['dense_params']:,}: build the same architecture")
     device = next(base_model.parameters()).device
     example = torch.zeros(2, *spec["input_shape"], device=device)
-    routers = []
-    for l, split in enumerate(spec["split_points"]):
-        dim = _router_dim(base_model, split, example)
-        routers.append([CosineRouter(torch.zeros(2, dim), 1.0).to(device) for _ in range(2 ** l)])
+    trace = trace_calls(base_model, example)  # router input width = channels at each split point
+    routers = [[CosineRouter(torch.zeros(2, trace.width[split]), 1.0).to(device) for _ in range(2 ** l)]
+               for l, split in enumerate(spec["split_points"])]
     was_training = base_model.training
     routed, state = build_tree(base_model, spec, example, routers)
     originals = swap_in(base_model, routed)
@@ -72,19 +72,3 @@ def load_branched(base_model: nn.Module, directory) -> nn.Module:
     finally:
         base_model.train(was_training)
     return base_model
-
-
-def _router_dim(model: nn.Module, split: str, example: torch.Tensor) -> int:
-    from .routing import pool_features
-
-    dims = []
-    handle = model.get_submodule(split).register_forward_hook(lambda _m, _i, o: dims.append(pool_features(o).shape[1]))
-    try:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(example)
-        model.train(was)
-    finally:
-        handle.remove()
-    return dims[0]

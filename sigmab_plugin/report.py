@@ -12,9 +12,10 @@ from torch import nn
 from .routing import RoutedModule, tree_state
 
 
-def _count(module: nn.Module, buffers: bool = False) -> int:
-    n = sum(p.numel() * p.element_size() if buffers else p.numel() for p in module.parameters())
-    if buffers:
+def _count(module: nn.Module, as_bytes: bool = False) -> int:
+    """Parameters of ``module``; with ``as_bytes``, bytes of its parameters and buffers."""
+    n = sum(p.numel() * p.element_size() if as_bytes else p.numel() for p in module.parameters())
+    if as_bytes:
         n += sum(b.numel() * b.element_size() for b in module.buffers())
     return n
 

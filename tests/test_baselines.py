@@ -66,7 +66,7 @@ def test_nni_fpgm_follows_the_paper_on_raw_filters():
 def test_tp_fpgm_uses_powered_weights_and_consumers():
     """Torch-Pruning's FPGMImportance = mean over producer rows and consumer columns of the distance
     sums between |w|**2 vectors (then mean-normalised): not the paper's raw-filter score, so the two
-    FPGM baselines may pick different filters; the overlap is recorded below."""
+    FPGM baselines may pick different filters (their overlap is in the real-results report)."""
     model = make_model("cifar_resnet_b")
     conv1, conv2 = model.layer2[1].conv1, model.layer2[1].conv2
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=images(1), verbose=False)
@@ -79,8 +79,8 @@ def test_tp_fpgm_uses_powered_weights_and_consumers():
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)  # TP computes in float32
     k = conv1.out_channels // 2
     tp_keep = set(torch.topk(got, k).indices.tolist())
-    paper_keep = set(torch.topk(_paper_fpgm(conv1.weight.detach()), k).indices.tolist())
-    assert 0 <= len(tp_keep & paper_keep) <= k  # overlap is data-dependent; printed by the report
+    # TP keeps by its own formula; benchmarks/report_real.py measures its overlap with the paper's picks
+    assert tp_keep == set(torch.topk(expected, k).indices.tolist())
 
 
 def test_registry_refuses_duplicates_and_unknown_names():
