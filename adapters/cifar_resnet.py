@@ -129,10 +129,16 @@ class CifarResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.head_name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.get_classifier()(torch.flatten(self.pool(x), 1))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.pool(x), 1)
+        return x if pre_logits else self.get_classifier()(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def cifar_resnet(depth: int = 56, num_classes: int = 10, shortcut: str = "A",
@@ -142,6 +148,29 @@ def cifar_resnet(depth: int = 56, num_classes: int = 10, shortcut: str = "A",
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def _register_with_timm() -> None:
+    """``timm.create_model("cifar_resnet56", num_classes=10)`` (option A) and ``"cifar_resnet56_b"`` (option B)."""
+    from timm.models import register_model
+
+    for depth in DEPTHS:
+        for shortcut, suffix in (("A", ""), ("B", "_b")):
+            def entry(pretrained: bool = False, num_classes: int = 10, depth=depth, shortcut=shortcut, **kwargs):
+                if pretrained:
+                    raise ValueError("CIFAR ResNets have no downloadable weights here: create the model, then "
+                                     "sigmab_plugin.adapters.cifar_resnet.load_checkpoint(model, path)")
+                kwargs = {k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg") and v is not None}
+                if kwargs:
+                    raise TypeError(f"cifar_resnet{depth}{suffix} takes num_classes only, got {sorted(kwargs)}")
+                return CifarResNet(depth, num_classes, shortcut)
+            entry.__name__ = entry.__qualname__ = f"cifar_resnet{depth}{suffix}"
+            entry.__module__ = __name__
+            globals()[entry.__name__] = entry
+            register_model(entry)
+
+
+_register_with_timm()
 
 
 def load_checkpoint(model: CifarResNet, path: Union[str, Path]) -> CifarResNet:

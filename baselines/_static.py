@@ -1,18 +1,51 @@
-"""Prune a copy of a model with a Torch-Pruning importance to a parameter budget (bisection on the ratio)."""
+"""Budgets: fit a method's knob so its model has at most a given number of (active) parameters, and
+prune a copy of a model with a Torch-Pruning importance (used by the FPGM and HRank baselines)."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Tuple, TypeVar
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from sigmab_plugin._split import custom_pruners
+from sigmab_plugin import registered_pruners
+
+T = TypeVar("T")
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def bisect_budget(build: Callable[[float], T], count: Callable[[T], int], budget: int, lo: float, hi: float,
+                  iters: int, *, shrinks: bool, what: str, fix: str) -> Tuple[float, T]:
+    """The knob value in [lo, hi] whose model is the largest with ``count(model) <= budget``.
+
+    ``shrinks``: a larger knob gives a smaller model (a pruning ratio); otherwise a larger one (a
+    keep ratio). Raises ``ValueError`` naming ``what`` and ``fix`` when even the smallest model
+    in range is over the budget.
+    """
+    best = None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        model = build(mid)
+        fits = count(model) <= budget
+        if fits:
+            best = (mid, model)
+        if fits == shrinks:
+            hi = mid
+        else:
+            lo = mid
+    if best is None:
+        extreme = hi if shrinks else lo
+        model = build(extreme)
+        n = count(model)
+        if n > budget:
+            raise ValueError(f"{what} cannot reach the budget of {budget:,} active params: its smallest model has "
+                             f"{n:,}; {fix}")
+        best = (extreme, model)
+    return best
 
 
 def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, classifier: str) -> nn.Module:
@@ -20,7 +53,7 @@ def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, 
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=ratio,
                                       ignored_layers=[model.get_submodule(classifier)],
-                                      customized_pruners=custom_pruners())
+                                      customized_pruners=registered_pruners())
         pruner.step()
     return model
 
@@ -28,23 +61,11 @@ def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, 
 def prune_to_budget(dense: nn.Module, example: torch.Tensor, make_importance: Callable[[nn.Module], object],
                     budget: int, classifier: str, name: str, iters: int = 14) -> nn.Module:
     """The largest model (fewest pruned channels) whose parameter count does not exceed ``budget``."""
-    dense_count = count_params(dense)
-    if budget >= dense_count:
+    if budget >= count_params(dense):
         return copy.deepcopy(dense)
-    lo, hi, best = 0.0, 0.99, None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
+
+    def build(ratio: float) -> nn.Module:
         m = copy.deepcopy(dense)
-        tp_prune(m, example, make_importance(m), mid, classifier)
-        if count_params(m) <= budget:
-            best, hi = m, mid
-        else:
-            lo = mid
-    if best is None:
-        m = copy.deepcopy(dense)
-        tp_prune(m, example, make_importance(m), 0.99, classifier)
-        if count_params(m) > budget:
-            raise ValueError(f"{name} cannot reach the budget of {budget:,} active params: its smallest model "
-                             f"has {count_params(m):,}; raise keep_ratio/target fraction or drop {name}")
-        best = m
-    return best
+        return tp_prune(m, example, make_importance(m), ratio, classifier)
+    return bisect_budget(build, count_params, budget, 0.0, 0.99, iters, shrinks=True, what=name,
+                         fix=f"raise keep_ratio/target fraction or drop {name}")[1]

@@ -18,16 +18,22 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from sigmab_plugin._split import build_graph
+from sigmab_plugin import registered_pruners
 
-from ._static import count_params
+from ._static import bisect_budget, count_params
 from .registry import Method, RunContext, register_method
+
+
+def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                     customized_pruners=registered_pruners())
 
 
 def internal_convs(model: nn.Module, example: torch.Tensor, classifier: str) -> List[str]:
     """Convs that alone write a coupled channel group (no residual partner), excluding the classifier."""
     probe = copy.deepcopy(model).eval()
-    dg = build_graph(probe, example)
+    dg = _graph(probe, example)
     names = {m: n for n, m in probe.named_modules()}
     out = []
     for group in dg.get_all_groups(ignored_layers=[probe.get_submodule(classifier)], root_module_types=[nn.Conv2d]):
@@ -54,7 +60,7 @@ def nni_masks(model: nn.Module, layers: List[str], ratio: float) -> Dict[str, to
 def apply_masks(model: nn.Module, example: torch.Tensor, removed: Dict[str, torch.Tensor]) -> nn.Module:
     """Prune the masked filters (and everything coupled) through the DependencyGraph."""
     m = copy.deepcopy(model).eval()
-    dg = build_graph(m, example)
+    dg = _graph(m, example)
     for name, idx in removed.items():
         if len(idx):
             dg.get_pruning_group(m.get_submodule(name), tp.prune_conv_out_channels, idx.tolist()).prune()
@@ -84,18 +90,10 @@ class FPGMNNI(Method):
         layers = internal_convs(run.dense, example, run.classifier)
         if count_params(run.dense) <= run.budget:
             return copy.deepcopy(run.dense)
-        lo, hi, best, estimate = 0.0, 0.99, None, None
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            n = count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, mid)))
-            if n <= run.budget:
-                best, estimate, hi = mid, n, mid
-            else:
-                lo = mid
-        if best is None:
-            smallest = count_params(apply_masks(run.dense, example, nni_masks(run.dense, layers, 0.99)))
-            raise ValueError(f"fpgm_nni cannot reach the budget of {run.budget:,} active params: pruning only "
-                             f"block-internal convs leaves {smallest:,}; raise the budget or drop fpgm_nni")
+        best, estimate = bisect_budget(lambda r: apply_masks(run.dense, example, nni_masks(run.dense, layers, r)),
+                                       count_params, run.budget, 0.0, 0.99, 12, shrinks=True, what="fpgm_nni",
+                                       fix="(only block-internal convs are pruned) raise the budget or drop fpgm_nni")
+        estimate = count_params(estimate)
         model = nni_speedup(run.dense, layers, best, example)
         if count_params(model) != estimate:
             raise RuntimeError(f"NNI ModelSpeedup left {count_params(model):,} params, expected {estimate:,}")

@@ -48,6 +48,7 @@ class HarnessConfig:
     seed: int = 0
     device: str = "cpu"
     out_dir: str = "runs/compare"
+    resume: bool = False  # continue each method from its checkpoint in out_dir/<method>
 
     def validate(self) -> None:
         known = available_methods()
@@ -71,27 +72,6 @@ def latency_ms(model: nn.Module, x1: torch.Tensor, repeat: int = 20) -> float:
             model(x1)
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2] * 1e3
-
-
-def _branch_to_fraction(dense, calib, opts, target: float):
-    """Bisect SigmaB's keep ratio so the largest path's active fraction is at most ``target``."""
-    lo = 0.5 if opts.get("coverage", True) else 0.05
-    hi, best = 1.0, None
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, **{**opts, "keep_ratio": mid})
-        if sb.param_report(tree)["active_fraction_max"] <= target:
-            best, lo = (mid, tree), mid
-        else:
-            hi = mid
-    if best is None:
-        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, **{**opts, "keep_ratio": lo})
-        frac = sb.param_report(tree)["active_fraction_max"]
-        if frac > target:
-            raise ValueError(f"target active fraction {target} is below what SigmaB reaches at keep_ratio={lo} "
-                             f"({frac:.3f}); raise the target, set prune_residual or coverage=False")
-        best = (lo, tree)
-    return best
 
 
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
@@ -120,29 +100,36 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
     g = torch.Generator().manual_seed(cfg.seed + 1)
     calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]].to(cfg.device))
-    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, progress=False)
+    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio)
+    run = RunContext(dense, calib, None, opts, classifier_name(dense), cfg.seed, cfg.target_fraction)
+    prepared = {}  # method -> (model, seconds)
     if cfg.target_fraction is not None:
-        keep, tree = _branch_to_fraction(dense, calib, opts, cfg.target_fraction)
-        budget = int(cfg.target_fraction * dense_params)
-    else:
-        keep = cfg.keep_ratio
-        tree = sb.branch(copy.deepcopy(dense), calib_data=calib, keep_ratio=keep, seed=cfg.seed, **opts)
-        budget = sb.param_report(tree)["active_params_max"]
-    run = RunContext(dense, calib, budget, {**opts, "keep_ratio": keep}, classifier_name(dense), cfg.seed)
+        run.budget = int(cfg.target_fraction * dense_params)
+    else:  # the budget is SigmaB's largest path
+        t0 = time.perf_counter()
+        prepared["sigmab"] = (get_method("sigmab").prepare(run), time.perf_counter() - t0)
+        run.budget = sb.param_report(prepared["sigmab"][0])["active_params_max"]
+    budget = run.budget
     log(f"dense {dense_params:,} params, top-1 {reference:.4f}; budget {budget:,} active params "
-        f"({budget / dense_params:.3f}), SigmaB keep ratio {keep:.3f}")
+        f"({budget / dense_params:.3f})")
+    teacher = None
+    if ft.distill_weight > 0:  # every method distils from the same frozen dense reference
+        teacher = copy.deepcopy(dense).eval().requires_grad_(False)
     rows = []
     for name in cfg.methods:
         method = get_method(name)
         t0 = time.perf_counter()
-        model = tree if name == "sigmab" else method.prepare(run)  # the budget-setting tree is SigmaB's
-        prepare_s = time.perf_counter() - t0
+        if name not in prepared:
+            prepared[name] = (method.prepare(run), time.perf_counter() - t0)
+        model, prepare_s = prepared.pop(name)
         before = evaluate(model, test.images, test.labels, data.normalize)
         torch.manual_seed(cfg.seed)
         history = finetune(model, train.images, train.labels, data.normalize, ft,
-                           test=(test.images, test.labels), out_dir=out / name)
-        after = evaluate(model, test.images, test.labels, data.normalize)
-        if hasattr(model, "_sigmab_tree"):
+                           test=(test.images, test.labels), teacher=teacher, out_dir=out / name,
+                           resume=cfg.resume)
+        branched = sb.is_branched(model)
+        after = evaluate(model, test.images, test.labels, data.normalize, diagnostics=branched)
+        if branched:
             rep = sb.param_report(model)
             stored, active = rep["total_params"], rep["active_params_max"]
         else:
@@ -153,13 +140,21 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                "budget": budget if method.static else None, "within_budget": (active <= budget) if method.static else None,
                "leaf_histogram": after.get("leaf_histogram"), "prepare_seconds": prepare_s,
                "train_seconds": sum(h["seconds"] for h in history),
+               "train_images_per_second": (sum(len(train.labels) for _ in history)
+                                           / max(1e-9, sum(h["seconds"] for h in history))) if history else None,
+               "distilled": teacher is not None,
+               **{k: after[k] for k in ("leaf_top1_all", "leaf_top1_routed", "best_leaf_top1", "oracle_top1",
+                                        "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
-               "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "keep_ratio": keep if name == "sigmab" else None}
+               "data": cfg.data, "model": cfg.model, "seed": cfg.seed,
+               "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None}
         if name == "sigmab":
             sb.save_branched(model, out / "sigmab" / "tree")
         rows.append(row)
+        extra = (f"  best leaf {after['best_leaf_top1']:.4f}, oracle {after['oracle_top1']:.4f}, leaves "
+                 f"{after['leaf_histogram']}") if branched else ""
         log(f"{name:9s} active {active:>11,} ({row['active_fraction']:.3f})  top-1 {before['top1']:.4f} -> "
-            f"{after['top1']:.4f}  ({row['train_seconds']:.0f}s)")
+            f"{after['top1']:.4f}  ({row['train_seconds']:.0f}s){extra}")
     dense_row = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])

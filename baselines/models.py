@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from adapters.cifar_resnet import DEPTHS, cifar_resnet, load_checkpoint
+from ..adapters.cifar_resnet import DEPTHS, cifar_resnet, load_checkpoint
 
 CIFAR_MODELS = {f"resnet{d}": d for d in DEPTHS}
 

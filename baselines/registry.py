@@ -20,6 +20,7 @@ class RunContext:
     branch_options: dict  # depth, keep_ratio, prune_residual, ... for SigmaB
     classifier: str  # module name of the final classifier (never pruned)
     seed: int = 0
+    target_fraction: Optional[float] = None  # SigmaB: search the keep ratio to reach this active fraction
 
 
 class Method:

@@ -4,7 +4,7 @@ Measures the time of branch() at depth 2, the active-parameter and MAC fractions
 for several keep ratios, and hard-routed latency (batch 1) and throughput (batch 64) against dense at
 32, 112 and 224 px. Writes benchmarks/results/branch_resnet50.{json,md}.
 
-    .venv/bin/python benchmarks/bench_branch.py [--images 1024] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.bench_branch [--images 1024] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from pathlib import Path
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sigmab_plugin as sb  # noqa: E402
-from baselines.data import load_dataset  # noqa: E402
-from benchmarks.common import count_macs, machine, time_call  # noqa: E402
+import sigmab_plugin as sb
+from sigmab_plugin.baselines.data import load_dataset
+from benchmarks.common import count_macs, machine, time_call
 
 warnings.filterwarnings("ignore")
 
@@ -49,7 +48,7 @@ def main(argv=None) -> dict:
     calib = data.normalize(data.train.images)
     dense = timm.create_model("resnet50", num_classes=10).eval()
     dense_params = sum(p.numel() for p in dense.parameters())
-    results = {"command": "python " + " ".join(["benchmarks/bench_branch.py"] + (argv or sys.argv[1:])),
+    results = {"command": "python -m " + " ".join(["benchmarks.bench_branch"] + (argv or sys.argv[1:])),
                "machine": machine(), "model": "timm resnet50, num_classes=10, default init",
                "calibration": f"{len(calib)} Imagenette-112 train images", "trees": []}
     trees = {}

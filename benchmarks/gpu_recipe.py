@@ -5,7 +5,7 @@ CIFAR-10 JPEG set), then dense fine-tuning, SigmaB (depth 2), FPGM and HRank run
 harness with the same fine-tuning budget. The data archives are read from --data-root (a copy of
 ../shared/data). The same code runs on CPU at tiny size (--tiny, used by the tests).
 
-    python benchmarks/gpu_recipe.py --data-root /path/to/data --out runs/gpu_recipe
+    python -m benchmarks.gpu_recipe --data-root /path/to/data --out runs/gpu_recipe
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from baselines.harness import HarnessConfig, format_table, run_comparison  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
-from sigmab_plugin.finetune import FinetuneConfig  # noqa: E402
+from sigmab_plugin.baselines.harness import HarnessConfig, format_table, run_comparison
+from benchmarks.common import machine
+from sigmab_plugin.finetune import FinetuneConfig
 
 
 def main(argv=None) -> list:

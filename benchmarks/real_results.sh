@@ -28,7 +28,7 @@ tiny() {  # Tiny-ImageNet-100 at 32x32: a CIFAR ResNet-20 (option B) trained fro
     --methods dense sigmab fpgm hrank --out runs/real/tiny100_d2
 }
 
-report() { $PY benchmarks/report_real.py runs/real benchmarks/results; }
+report() { $PY -m benchmarks.report_real runs/real benchmarks/results; }
 
 for part in "${@:-cifar tiny report}"; do
   for p in $part; do "$p"; done

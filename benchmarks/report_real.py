@@ -1,6 +1,6 @@
 """Turn the real-data runs (runs/real/*/results.json) into benchmarks/results/real_results.{md,json}.
 
-    python benchmarks/report_real.py runs/real benchmarks/results
+    python -m benchmarks.report_real runs/real benchmarks/results
 """
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine
 
 GOAL_REDUCTION, GOAL_PP, GOAL_MARGIN_PP = 0.55, 1.5, 15.0
 
@@ -27,8 +26,8 @@ def fpgm_overlap(checkpoint: Path) -> dict:
     import torch
     import torch_pruning as tp
 
-    from adapters.cifar_resnet import cifar_resnet
-    from baselines.fpgm_nni import internal_convs, nni_masks
+    from sigmab_plugin.adapters.cifar_resnet import cifar_resnet
+    from sigmab_plugin.baselines.fpgm_nni import internal_convs, nni_masks
 
     model = cifar_resnet(56, 10, "A", checkpoint).eval()
     x = torch.zeros(1, 3, 32, 32)

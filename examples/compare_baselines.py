@@ -19,12 +19,10 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baselines.data import DATASETS  # noqa: E402
-from baselines.harness import HarnessConfig, format_table, plot, run_comparison  # noqa: E402
-from baselines.registry import available_methods  # noqa: E402
-from sigmab_plugin.finetune import FinetuneConfig  # noqa: E402
+from sigmab_plugin.baselines.data import DATASETS
+from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
+from sigmab_plugin.baselines.registry import available_methods
+from sigmab_plugin.finetune import FinetuneConfig
 
 
 def parse(argv=None) -> tuple:
@@ -45,8 +43,21 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="train dense from scratch first (digits: 12)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model")
-    ap.add_argument("--hard-epochs", type=int, default=1, help="last epochs trained with hard routing (SigmaB)")
+    d = FinetuneConfig()
+    ap.add_argument("--distill", type=float, default=d.distill_weight,
+                    help="weight of distillation from the dense model, for every method (0: off)")
+    ap.add_argument("--distill-paths", default=d.distill_paths, choices=["all", "weighted"],
+                    help="SigmaB: distil every path unweighted, or weighted by P(path)")
+    ap.add_argument("--objective", default=d.objective, choices=["expected", "mixture"],
+                    help="SigmaB: expected per-path loss, or cross-entropy of the path mixture")
+    ap.add_argument("--balance-weight", type=float, default=d.balance_weight, help="SigmaB: load-balance loss weight")
+    ap.add_argument("--balance-rate", type=float, default=d.balance_rate,
+                    help="SigmaB: step of the routers' load-balancing offsets per batch (0: off)")
+    ap.add_argument("--top-k", type=int, default=d.top_k, help="SigmaB: soft routing keeps k paths per sample")
+    ap.add_argument("--bn-weighting", action=argparse.BooleanOptionalAction, default=d.bn_weighting,
+                    help="SigmaB: node BatchNorm statistics weighted by path probability in soft training")
+    ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
+    ap.add_argument("--resume", action="store_true", help="continue each method from its checkpoint in --out")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--calib-size", type=int, default=512)
@@ -64,13 +75,16 @@ def parse(argv=None) -> tuple:
     epochs = a.epochs if a.epochs is not None else (6 if digits else 4)
     pre = a.pretrain_epochs if a.pretrain_epochs is not None else (12 if digits and not a.checkpoint else 0)
     ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not digits, seed=a.seed,
-                        distill_weight=a.distill, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
+                        distill_weight=a.distill, distill_paths=a.distill_paths, objective=a.objective,
+                        balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
+                        bn_weighting=a.bn_weighting, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=not a.no_coverage,
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
-                        train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out)
+                        train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
+                        resume=a.resume)
     return cfg, a.sweep
 
 
@@ -90,7 +104,7 @@ def main(argv=None) -> list:
             out = Path(cfg.out_dir)
             (out / "sweep.json").write_text(json.dumps(rows, indent=1))
             plot(rows, out / "top1_vs_active.png", f"{cfg.model} on {cfg.data}: sweep {sweep}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     print(format_table(rows))

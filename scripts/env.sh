@@ -3,6 +3,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${SIGMAB_VENV:-.venv}
 STAMP="$VENV/.sigmab-installed-$(cat pyproject.toml scripts/env.sh | sha256sum | cut -c1-16)"
+export PYTHONWARNINGS=ignore  # quiet setuptools' deprecation pages during the install
 if [ ! -f "$STAMP" ]; then
   echo "[sigmab] installing into $VENV (first run only; torch is large)" >&2
   python3 -m venv "$VENV"
@@ -15,4 +16,5 @@ if [ ! -f "$STAMP" ]; then
   rm -f "$VENV"/.sigmab-installed-*
   touch "$STAMP"
 fi
+unset PYTHONWARNINGS
 PY="$VENV/bin/python"

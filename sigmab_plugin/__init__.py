@@ -4,26 +4,38 @@ Restructure a pretrained dense network into a binary tree (shared backbone, cosi
 channel-pruned leaves), initialised by activation-aware spherical k-means; each input runs one
 root-to-leaf path, so only that path's weights are read per inference.
 """
-from ._split import register_pruner
+from ._split import register_pruner, registered_pruners
 from .branch import branch
 from .config import BranchConfig
 from .io import load_branched, save_branched
 from .kmeans import spherical_kmeans
+from .objective import LossConfig, TemperatureSchedule, leaf_balance, temperature_at, tree_loss
 from .report import param_report, summary
-from .routing import route, set_routing
+from .routing import forward_leaf, is_branched, route, set_routing, tree_state
 
 __version__ = "0.1.0"
 
+from . import adapters as adapters  # noqa: E402  (registers the CIFAR ResNets with timm)
+
 __all__ = [
     "BranchConfig",
+    "LossConfig",
+    "TemperatureSchedule",
     "__version__",
     "branch",
+    "forward_leaf",
+    "is_branched",
+    "leaf_balance",
     "load_branched",
     "param_report",
     "register_pruner",
+    "registered_pruners",
     "route",
     "save_branched",
     "set_routing",
     "spherical_kmeans",
     "summary",
+    "temperature_at",
+    "tree_state",
+    "tree_loss",
 ]

@@ -12,17 +12,10 @@ from typing import Dict, Iterable, Iterator, List, Sequence
 import torch
 from torch import nn
 
+from ._progress import progress
+from ._trace import PARAM_LAYERS
 from .routing import CosineRouter, pool_features
 
-_STAT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 def iter_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
@@ -51,12 +44,15 @@ def check_calib_data(data) -> None:
                         "twice: pass a tensor, a DataLoader or a list (e.g. list(your_iterator))")
 
 
-def check_batch(x: torch.Tensor, device: torch.device, where: str) -> None:
+def check_batch(x: torch.Tensor, device: torch.device, where: str, dtype: torch.dtype = None) -> None:
     if x.device != device:
         raise ValueError(f"calib_data batch is on {x.device} but the model is on {device}: move the data "
                          f"(x.to('{device}')) or the model so they match")
     if not torch.is_floating_point(x):
         raise TypeError(f"calib_data batch has dtype {x.dtype}; expected a floating-point tensor")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"calib_data batch has dtype {x.dtype} but the model's parameters are {dtype}: convert "
+                        f"one of them (x.to({dtype}) or model.to({x.dtype}))")
     if not torch.isfinite(x).all():
         raise ValueError(f"calib_data contains non-finite values ({where}); clean the data")
 
@@ -88,7 +84,7 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
         handles.append(model.get_submodule(s).register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for b, x in enumerate(_progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
+            for b, x in enumerate(progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
                                             "sigmab calibrate 1/2 (features)")):
                 check_batch(x, device, f"batch {b}")
                 model(x)
@@ -116,7 +112,7 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
     for l, units in enumerate(levels, start=1):
         for u in units:
             for name, m in model.get_submodule(u).named_modules():
-                if isinstance(m, _STAT_LAYERS):
+                if isinstance(m, PARAM_LAYERS):
                     full = f"{u}.{name}" if name else u
                     def stat_hook(mod, inp, l=l, full=full):
                         x = inp[0].detach()
@@ -130,7 +126,7 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
                     handles.append(m.register_forward_pre_hook(stat_hook))
     try:
         with torch.no_grad():
-            for b, x in enumerate(_progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
+            for b, x in enumerate(progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
                                             "sigmab calibrate 2/2 (activations)")):
                 node.clear()
                 node[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)

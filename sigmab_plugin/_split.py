@@ -18,8 +18,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._trace import PARAM_LAYERS
+
 _CONV = (nn.Conv1d, nn.Conv2d)
-_PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 _CUSTOM_PRUNERS: Dict[type, object] = {}
@@ -33,7 +34,8 @@ def register_pruner(module_type: type, pruner) -> None:
     _CUSTOM_PRUNERS[module_type] = pruner
 
 
-def custom_pruners() -> Dict[type, object]:
+def registered_pruners() -> Dict[type, object]:
+    """The pruners given to :func:`register_pruner`, as Torch-Pruning's ``customized_pruners`` mapping."""
     return dict(_CUSTOM_PRUNERS)
 
 
@@ -56,10 +58,14 @@ def _level_of(name: str, unit_level: Dict[str, int]) -> int:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``model`` (a copy: tracing needs autograd, so frozen parameters of the
+    copy are made trainable; ``build_node`` restores each parameter's flag after pruning)."""
     model.eval()  # tracing must not touch BatchNorm statistics
+    for p in model.parameters():
+        p.requires_grad_(True)
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                     customized_pruners=custom_pruners())
+                                                     customized_pruners=registered_pruners())
 
 
 def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[str, int],
@@ -67,7 +73,7 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
     names = {m: n for n, m in model.named_modules()}
     ignored_modules = [model.get_submodule(n) for n in ignored]
     infos = []
-    for group in dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=_PARAM_LAYERS):
+    for group in dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=PARAM_LAYERS):
         root = group[0].dep.target.module
         if root not in names:
             continue
@@ -83,12 +89,12 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
                 outs.add(name)
             elif dg.is_in_channel_pruning_fn(item.dep.handler):
                 ins.add(name)
-                if isinstance(module, _PARAM_LAYERS):
+                if isinstance(module, PARAM_LAYERS):
                     consumers[name] = (list(item.idxs), list(item.root_idxs))
             if isinstance(module, _CONV) and 1 < module.groups < module.in_channels:
                 align = max(align, module.groups)
         writers = [model.get_submodule(n) for n in outs - ins]  # layers that only write these channels
-        producers = sum(1 for m in writers if isinstance(m, _PARAM_LAYERS) and getattr(m, "groups", 1) == 1)
+        producers = sum(1 for m in writers if isinstance(m, PARAM_LAYERS) and getattr(m, "groups", 1) == 1)
         n = dg.get_out_channels(root)
         infos.append(GroupInfo(names[root], n, levels, producers, align, consumers))
     return infos
@@ -189,6 +195,7 @@ def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int
                unit_level: Dict[str, int], ignored: Sequence[str]) -> Tuple[List[nn.Module], List[GroupInfo]]:
     """Deep-copy ``dense``, prune the planned groups through a DependencyGraph, return the node's units."""
     model = copy.deepcopy(dense)
+    frozen = {n for n, p in dense.named_parameters() if not p.requires_grad}
     dg = build_graph(model, example)
     infos = describe_groups(model, dg, unit_level, ignored)
     for info in infos:
@@ -203,5 +210,7 @@ def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int
         if not dg.check_pruning_group(group):
             raise RuntimeError(f"pruning group rooted at {info.key!r} to {len(kept)} channels is invalid")
         group.prune()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
     units = [model.get_submodule(n) for n in unit_names]
     return units, infos

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-_PARAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers whose channels SigmaB scores and prunes
 
 
 @dataclass
@@ -49,7 +49,7 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
@@ -57,7 +57,8 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     return Trace(enter, exit_, calls, order, width)
 
 

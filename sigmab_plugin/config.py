@@ -13,6 +13,14 @@ from typing import Any, Optional, Sequence, Union
 CONFIG_VERSION = 1
 
 
+def _real(name: str, value, shown: str = "") -> float:
+    """``value`` as a float if it is a real number (not a bool, tensor or string); else a ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={shown or repr(value)} must be a real number ({type(value).__name__} given), "
+                        "e.g. 0.5")
+    return float(value)
+
+
 @dataclass
 class BranchConfig:
     """Options of :func:`sigmab_plugin.branch` (Sigma-Branch restructuring of a pretrained CNN)."""
@@ -41,20 +49,35 @@ class BranchConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_ratio, (list, tuple)):
-            self.keep_ratio = [float(r) for r in self.keep_ratio]
+            self.keep_ratio = [_real("keep_ratio", r, f"{self.keep_ratio!r}") for r in self.keep_ratio]
+        else:
+            self.keep_ratio = _real("keep_ratio", self.keep_ratio)
         if self.split_points is not None:
-            if isinstance(self.split_points, str) or not all(isinstance(s, str) for s in self.split_points):
+            if isinstance(self.split_points, str) or not isinstance(self.split_points, (list, tuple)) \
+                    or not all(isinstance(s, str) for s in self.split_points):
                 raise TypeError(f"split_points must be a list of module paths, got {self.split_points!r}")
             self.split_points = list(self.split_points)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field, its value and the fix."""
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
+        """Raise ``TypeError``/``ValueError`` naming the first bad field, its value and the fix."""
+        for name in ("depth", "seed", "round_to", "kmeans_restarts", "kmeans_iters", "min_leaf_samples",
+                     "calib_batch_size", "version"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}={v!r} must be an integer ({type(v).__name__} given)")
+        for name in ("coverage", "prune_residual", "progress"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}={v!r} must be True or False ({type(v).__name__} given)")
+        if self.router_tau is not None:
+            _real("router_tau", self.router_tau)
+        _real("min_cluster_share", self.min_cluster_share)
+        if self.depth < 1:
             raise ValueError(f"depth={self.depth!r} is invalid: use an integer >= 1")
         ratios = self.keep_ratios()
         for r in ratios:
-            if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 < r <= 1.0):
+            if not (math.isfinite(r) and 0.0 < r <= 1.0):
                 raise ValueError(f"keep_ratio={self.keep_ratio!r} is invalid: every ratio must lie in (0, 1]")
         if isinstance(self.keep_ratio, list) and len(self.keep_ratio) != self.depth:
             raise ValueError(
@@ -68,13 +91,14 @@ class BranchConfig:
             raise ValueError(
                 f"split_points={self.split_points!r} has {len(self.split_points)} entries but depth={self.depth} "
                 f"needs exactly {self.depth} (the root router's and one per internal level)")
-        checks = [("round_to", self.round_to >= 1), ("router_tau", self.router_tau is None or self.router_tau > 0),
+        checks = [("round_to", self.round_to >= 1),
+                  ("router_tau", self.router_tau is None or (math.isfinite(self.router_tau) and self.router_tau > 0)),
                   ("kmeans_restarts", self.kmeans_restarts >= 1), ("kmeans_iters", self.kmeans_iters >= 1),
                   ("min_cluster_share", 0.0 <= self.min_cluster_share < 0.5),
                   ("min_leaf_samples", self.min_leaf_samples >= 1), ("calib_batch_size", self.calib_batch_size >= 1)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; see BranchConfig's help for it")
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: {_HELP[name]}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this release reads {CONFIG_VERSION})")
 
@@ -104,3 +128,6 @@ class BranchConfig:
         if unknown:
             raise ValueError(f"unknown BranchConfig field(s) {unknown}; valid: {sorted(names)}")
         return cls(**data)
+
+
+_HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(BranchConfig)}

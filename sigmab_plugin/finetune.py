@@ -1,76 +1,106 @@
 """Fine-tuning of SigmaB trees with soft routing, and the one training loop every method shares.
 
-For a branched model the loss is cross-entropy on the path-probability mixture, plus a load-balance
-term on the batch-mean leaf probabilities (zero when leaves are used uniformly), plus optional
-distillation from the dense teacher; the router temperature anneals geometrically per epoch toward
-hard routing. Evaluation always routes hard (the deployed behaviour). A dense or statically pruned
-model goes through the same loop with the routing terms off, which is what makes comparisons fair.
-Every epoch ends with an atomic checkpoint (temp file + rename); ``resume=True`` continues from it
-and reaches the same final weights as an uninterrupted run (seeded per epoch, CPU-deterministic).
+A thin loop over the public pieces (:func:`sigmab_plugin.tree_loss`, :class:`TemperatureSchedule`,
+:func:`sigmab_plugin.set_routing`): any other training loop can use them the same way. Data comes
+either as in-memory uint8 images (the fast path for small sets, with a seeded pad-4 crop and flip)
+or as any ``DataLoader`` yielding ``(x, y)`` with its own transforms. A dense or statically pruned
+model goes through the same loop and loss terms (cross-entropy, distillation) with the routing
+terms off, which is what makes comparisons fair. Evaluation always routes hard (the deployed
+behaviour). Every epoch ends with an atomic checkpoint (temp file + rename); ``resume=True``
+continues from it and reaches the same final weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .branch import _is_branched
-from .routing import set_routing
+from ._progress import progress
+from .objective import LossConfig, TemperatureSchedule, _number, training_loss
+from .routing import forward_leaf, is_branched, set_routing, tree_state
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class FinetuneConfig:
-    """Training options shared by every method of a comparison."""
+    """Training options shared by every method of a comparison (the loss terms are :class:`LossConfig`'s)."""
 
     epochs: int = field(default=3, metadata={"help": "passes over the training set"})
-    batch_size: int = field(default=128, metadata={"help": "training batch size"})
+    batch_size: int = field(default=128, metadata={"help": "training batch size (in-memory data)"})
     lr: float = field(default=0.01, metadata={"help": "SGD learning rate (cosine-annealed to 0)"})
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: bool = field(default=True, metadata={"help": "random crop (pad 4) during training"})
-    flip: bool = field(default=True, metadata={"help": "random horizontal flip (off for digits)"})
+    augment: bool = field(default=True, metadata={"help": "random crop (pad 4) during training (in-memory data)"})
+    flip: bool = field(default=True, metadata={"help": "random horizontal flip (in-memory data; off for digits)"})
     temperature_start: float = field(default=1.0, metadata={"help": "router temperature of the first epoch"})
     temperature_end: float = field(default=0.1, metadata={"help": "router temperature of the last epoch"})
-    hard_epochs: int = field(default=1, metadata={"help": "last epochs trained with hard routing (routers frozen)"})
-    balance_weight: float = field(default=0.1, metadata={"help": "weight of the leaf load-balance term"})
-    distill_weight: float = field(default=0.0, metadata={"help": "weight of distillation from the dense model"})
+    hard_epochs: int = field(default=0, metadata={"help": "last epochs trained with hard routing (routers frozen)"})
+    objective: str = field(default="expected", metadata={"help": "'expected' per-path loss or 'mixture'"})
+    balance_weight: float = field(default=0.5, metadata={"help": "weight of the leaf load-balance term"})
+    balance_rate: float = field(default=0.0, metadata={"help": "step of the routers' load-balancing offsets"})
+    distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation (when a teacher is given)"})
     distill_temperature: float = 4.0
+    distill_paths: str = field(default="all", metadata={"help": "'all' paths unweighted or 'weighted' by P(path)"})
+    top_k: Optional[int] = field(default=None, metadata={"help": "soft routing: paths per sample (None: all)"})
+    bn_weighting: bool = field(default=False, metadata={"help": "node BatchNorm statistics weighted by P(path)"})
+    amp: Optional[str] = field(default=None, metadata={"help": "autocast dtype: None, 'bf16' or 'fp16'"})
     seed: int = 0
     eval_batch_size: int = 256
     progress: bool = True
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 0, "hard_epochs": 0 <= self.hard_epochs <= self.epochs, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-                  "temperature_start": self.temperature_start > 0, "temperature_end": self.temperature_end > 0,
-                  "balance_weight": self.balance_weight >= 0, "distill_weight": self.distill_weight >= 0,
-                  "eval_batch_size": self.eval_batch_size >= 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"FinetuneConfig.{name}={getattr(self, name)!r} is out of range")
+        for name in ("epochs", "hard_epochs", "batch_size", "seed", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if "size" in name else 0):
+                raise ValueError(f"FinetuneConfig.{name}={v!r} must be an integer >= {1 if 'size' in name else 0}")
+        if self.hard_epochs > self.epochs:
+            raise ValueError(f"FinetuneConfig.hard_epochs={self.hard_epochs} exceeds epochs={self.epochs}")
+        _number("FinetuneConfig.lr", self.lr, 0, lo_open=True)
+        for name in ("momentum", "weight_decay", "balance_rate"):
+            _number(f"FinetuneConfig.{name}", getattr(self, name), 0)
+        for name in ("augment", "flip", "bn_weighting", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"FinetuneConfig.{name}={getattr(self, name)!r} must be True or False")
+        if self.amp not in AMP:
+            raise ValueError(f"FinetuneConfig.amp={self.amp!r}: choose one of {list(AMP)}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"FinetuneConfig.top_k={self.top_k!r} must be None or an integer >= 1")
+        self.schedule()
+        self.loss()
+
+    def loss(self) -> LossConfig:
+        return LossConfig(self.objective, self.balance_weight, self.distill_weight, self.distill_temperature,
+                          self.distill_paths)
+
+    def schedule(self) -> TemperatureSchedule:
+        return TemperatureSchedule(self.temperature_start, self.temperature_end, max(1, self.epochs))
+
+    def temperature(self, epoch: int) -> float:
+        return self.schedule()(epoch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig field(s) {unknown}; valid: {sorted(names)}")
         return cls(**data)
-
-    def temperature(self, epoch: int) -> float:
-        if self.epochs <= 1:
-            return self.temperature_end
-        a = epoch / (self.epochs - 1)
-        return self.temperature_start * (self.temperature_end / self.temperature_start) ** a
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
@@ -89,131 +119,367 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Te
     return out
 
 
-def leaf_balance(leaf_probs: torch.Tensor) -> torch.Tensor:
-    """``L * sum(q**2) - 1`` for the batch-mean leaf distribution q: 0 when uniform, L-1 when collapsed."""
-    q = leaf_probs.mean(0)
-    return q.numel() * (q * q).sum() - 1.0
+def _world() -> Tuple[int, int]:
+    """(rank, world size) of the running ``torch.distributed`` job, (0, 1) without one."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0) -> Tuple[Iterable, int]:
+    """This rank's training batches of one epoch and their number: in-memory ``(images, labels)``
+    (every rank draws the same permutation and takes its share) or a loader (a ``DistributedSampler``
+    in it is told the epoch)."""
+    rank, world = _world()
+    if isinstance(data, tuple):
+        images, labels = data
+        perm = torch.randperm(len(labels), generator=gen)[rank::world]
+
+        def it():
+            for i in range(0, len(perm), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                x = images[idx]
+                yield (augment_batch(x, gen, cfg.flip) if cfg.augment else x), labels[idx]
+        return it(), -(-len(perm) // cfg.batch_size)
+    sampler = getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return data, len(data) if hasattr(data, "__len__") else 0
+
+
+def _eval_batches(data, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, tuple):
+        images, labels = data
+        for i in range(0, len(labels), batch_size):
+            yield images[i:i + batch_size], labels[i:i + batch_size]
+    else:
+        for item in data:
+            yield item[0], item[1]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Callable,
-             batch_size: int = 256) -> Dict[str, object]:
-    """Top-1 with hard routing, and for a tree the leaf histogram of the evaluated set."""
+def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable] = None,
+             batch_size: int = 256, diagnostics: bool = False) -> Dict[str, object]:
+    """Top-1 with hard routing (``images, labels`` in memory, or ``images`` a loader of ``(x, y)``).
+
+    For a tree it also gives the leaf histogram; with ``diagnostics`` each leaf's top-1 on every
+    input and on the inputs routed to it, the best single leaf, the oracle (a sample counts when
+    any leaf is right) and the *conditional gain* (routed top-1 minus the best single leaf).
+    """
+    data = (images, labels) if labels is not None else images
+    norm = normalize or (lambda t: t)
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, hist = 0, None
+    tree = is_branched(model)
+    n_leaves = 2 ** tree_state(model).depth if tree else 0
+    correct, seen, hist = 0, 0, torch.zeros(n_leaves, dtype=torch.long)
+    leaf_all = torch.zeros(n_leaves, dtype=torch.long)
+    leaf_routed = torch.zeros(n_leaves, dtype=torch.long)
+    oracle = 0
+    saved_mode = tree_state(model).mode if tree else None
+    if tree:
+        tree_state(model).mode = "hard"
     try:
-        for i in range(0, len(labels), batch_size):
-            x = normalize(images[i:i + batch_size].to(device))
-            out = model(x)
-            correct += int((out.argmax(1).cpu() == labels[i:i + batch_size]).sum())
-            if _is_branched(model):
-                leaves = model._sigmab_tree.last_leaves.cpu()
-                counts = torch.bincount(leaves, minlength=2 ** model._sigmab_tree.depth)
-                hist = counts if hist is None else hist + counts
+        for xb, yb in _eval_batches(data, batch_size):
+            x, y = norm(xb.to(device)), yb.to(device)
+            pred = model(x).argmax(1)
+            correct += int((pred == y).sum())
+            seen += len(y)
+            if not tree:
+                continue
+            leaves = tree_state(model).last_leaves
+            hist += torch.bincount(leaves.cpu(), minlength=n_leaves)
+            if diagnostics:
+                any_right = torch.zeros_like(y, dtype=torch.bool)
+                for leaf in range(n_leaves):
+                    right = forward_leaf(model, x, leaf).argmax(1) == y
+                    any_right |= right
+                    leaf_all[leaf] += int(right.sum())
+                    leaf_routed[leaf] += int(right[leaves == leaf].sum())
+                oracle += int(any_right.sum())
     finally:
         model.train(was)
-    result = {"top1": correct / max(1, len(labels))}
-    if hist is not None:
+        if tree:
+            tree_state(model).mode = saved_mode
+    result: Dict[str, object] = {"top1": correct / max(1, seen)}
+    if tree:
         result["leaf_histogram"] = hist.tolist()
+    if tree and diagnostics:
+        n = max(1, seen)
+        result["leaf_top1_all"] = (leaf_all.double() / n).tolist()
+        result["leaf_top1_routed"] = [float(c) / max(1, int(h)) for c, h in zip(leaf_routed, hist)]
+        result["best_leaf_top1"] = max(result["leaf_top1_all"])
+        result["oracle_top1"] = oracle / n
+        result["conditional_gain"] = result["top1"] - result["best_leaf_top1"]
     return result
 
 
-def finetune(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, normalize: Callable,
-             cfg: FinetuneConfig, *, test: Optional[tuple] = None, teacher: Optional[nn.Module] = None,
-             out_dir=None, resume: bool = False) -> List[dict]:
-    """Train ``model`` in place (its train/eval mode is restored); returns the per-epoch log (also
-    written to ``out_dir/log.jsonl``, with an atomic checkpoint per epoch in ``out_dir``)."""
+def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optional[Callable] = None,
+             cfg: Optional[FinetuneConfig] = None, *, test=None, teacher: Optional[nn.Module] = None,
+             out_dir=None, resume: bool = False, diagnostics: bool = False) -> List[dict]:
+    """Train ``model`` in place (its train/eval mode and routing settings are restored); returns the
+    per-epoch log (also written to ``out_dir/log.jsonl``, with an atomic checkpoint per epoch).
+
+    Data: ``train_images`` (uint8 NCHW) with ``train_labels`` in memory, or ``train_images`` a
+    ``DataLoader`` of ``(x, y)`` and ``train_labels=None``. ``normalize`` maps a batch to the model's
+    input (default: identity). ``test``: ``(images, labels)`` or a loader, evaluated after each epoch.
+    ``teacher``: the dense model, for distillation (``cfg.distill_weight``).
+
+    Under ``torchrun`` (an initialised process group) the model is wrapped in
+    ``DistributedDataParallel`` (unused leaves and routers allowed), every rank trains on its share of
+    each batch order, and rank 0 alone writes checkpoints and logs.
+    """
+    cfg = FinetuneConfig() if cfg is None else cfg
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f"cfg must be a FinetuneConfig, got {type(cfg).__name__}")
+    data = (train_images, train_labels) if train_labels is not None else train_images
+    norm = normalize or (lambda t: t)
+    _check_data(model, data, norm, "training data")
+    if test is not None:
+        _check_data(model, test, norm, "test data")
+    snapshot = _Snapshot(model)
+    try:
+        return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics)
+    except BaseException:
+        snapshot.restore(model)  # a failed or interrupted run leaves the model as it was
+        raise
+
+
+class _Snapshot:
+    """Weights, buffers, every module's train/eval flag and the routing settings of a model."""
+
+    def __init__(self, model: nn.Module):
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.flags = [(m, m.training) for m in model.modules()]
+        self.routing = tree_state(model).settings() if is_branched(model) else None
+
+    def restore(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(self.state[k])
+        for m, flag in self.flags:
+            m.training = flag
+        if self.routing is not None:
+            set_routing(model, **self.routing)
+
+
+def _classes(model: nn.Module, x: torch.Tensor) -> int:
+    flags = [(m, m.training) for m in model.modules()]
+    state = tree_state(model) if is_branched(model) else None
+    mode = state.mode if state is not None else None
+    try:
+        model.eval()
+        if state is not None:
+            state.mode = "hard"
+        with torch.no_grad():
+            return int(model(x).shape[1])
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        if state is not None:
+            state.mode = mode
+
+
+def _check_data(model: nn.Module, data, norm: Callable, what: str) -> None:
+    """In-memory data: matching lengths, finite images, integer labels within the model's classes."""
+    if not isinstance(data, tuple):
+        if not isinstance(data, Iterable):
+            raise TypeError(f"{what} must be (images, labels) tensors or a DataLoader of (x, y) batches, got "
+                            f"{type(data).__name__}")
+        return  # a loader's batches are checked as they come
+    images, labels = data
+    if not torch.is_tensor(images) or images.ndim < 2:
+        raise ValueError(f"{what}: images must be an (N, C, ...) tensor, got {getattr(images, 'shape', type(images))}")
+    if not torch.is_tensor(labels) or labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{what}: labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if len(images) != len(labels):
+        raise ValueError(f"{what}: {len(images)} images but {len(labels)} labels; give one label per image")
+    if len(labels) == 0:
+        raise ValueError(f"{what} is empty")
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise ValueError(f"{what}: the images contain NaN or inf; clean them before training")
     device = next(model.parameters()).device
-    branched = _is_branched(model)
-    was_training = model.training
+    classes = _classes(model, norm(images[:1].to(device)))
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"{what}: labels span {low}..{high} but the model has {classes} outputs; labels must lie "
+                         f"in 0..{classes - 1}")
+
+
+def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> dict:
+    """The checkpoint at ``path``, checked against ``model`` and ``cfg`` before anything is loaded."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated or foreign files: never suggest unsafe loading
+        raise ValueError(f"{path} cannot be read as a finetune checkpoint ({type(err).__name__}); delete it to "
+                         "start over, or resume=False") from None
+    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch", "history"} <= set(ck):
+        raise ValueError(f"{path} is not a finetune checkpoint (keys {sorted(ck)[:6] if isinstance(ck, dict) else ck})")
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    theirs = {k: v.shape for k, v in ck["model"].items()}
+    if own != theirs:
+        diff = sorted(set(own) ^ set(theirs))[:3] or sorted(k for k in own if own[k] != theirs[k])[:3]
+        raise ValueError(f"{path} holds the weights of another model (first differences: {diff}); resume only with "
+                         "the model that wrote it, or resume=False")
+    saved = ck.get("config")
+    if saved is not None:
+        mine = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
+        theirs_cfg = {k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}
+        changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k))
+        if changed:
+            what = ", ".join(f"{k}: {theirs_cfg.get(k)!r} -> {mine[k]!r}" for k in changed[:4])
+            raise ValueError(f"{path} was written with other training settings ({what}); resume with the same "
+                             "FinetuneConfig, or resume=False to start over")
+    return ck
+
+
+_RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
+
+
+def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics):
+    device = next(model.parameters()).device
+    branched = is_branched(model)
+    saved_routing = tree_state(model).settings() if branched else None
+    flags = [(m, m.training) for m in model.modules()]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_labels) // cfg.batch_size))
+    steps_per_epoch = max(1, _batches(data, cfg, torch.Generator())[1])  # this rank's share
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    rank, world = _world()
+    loss_cfg, schedule = cfg.loss(), cfg.schedule()
     history: List[dict] = []
     start = 0
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"out_dir={out_dir} is a file; give a folder for checkpoints and the log")
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        _barrier(world)
         if resume and (out_dir / CHECKPOINT).is_file():
-            ck = torch.load(out_dir / CHECKPOINT, map_location=device, weights_only=True)
+            ck = _load_resume(out_dir / CHECKPOINT, model, cfg, device)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             history, start = json.loads(ck["history"]), int(ck["epoch"]) + 1
-            tmp = out_dir / (LOG + ".tmp")  # the checkpoint is the truth: the log restarts from it
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, out_dir / LOG)
-        elif not resume and (out_dir / LOG).exists():
+            if rank == 0:  # the checkpoint is the truth: the log restarts from it
+                tmp = out_dir / (LOG + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+                os.replace(tmp, out_dir / LOG)
+        elif not resume and (out_dir / LOG).exists() and rank == 0:
             (out_dir / LOG).unlink()
+        _barrier(world)
     if teacher is not None:
         teacher.eval()
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout etc.; batches use their own generator
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        temperature = cfg.temperature(epoch)
+    runner = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device],
+                                         find_unused_parameters=branched)
+    try:
+        for epoch in range(start, cfg.epochs):
+            row = _epoch(model, runner, data, norm, cfg, loss_cfg, epoch, schedule(epoch) if branched else None,
+                         opt, sched, scaler, teacher, device)
+            _sync_buffers(model, world)
+            if test is not None:
+                ev = evaluate(model, *(test if isinstance(test, tuple) else (test,)), normalize=normalize,
+                              batch_size=cfg.eval_batch_size, diagnostics=diagnostics)
+                row.update({f"test_{k}": v for k, v in ev.items()})
+            history.append(row)
+            if out_dir is not None and rank == 0:
+                _save_checkpoint(out_dir, model, opt, sched, epoch, history, cfg)
+                with open(out_dir / LOG, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            _barrier(world)
+    finally:
         if branched:
-            hard = epoch >= cfg.epochs - cfg.hard_epochs
-            set_routing(model, "hard" if hard else "soft", temperature)
-        model.train()
-        perm = torch.randperm(len(train_labels), generator=gen)
-        sums = {"loss": 0.0, "ce": 0.0, "balance": 0.0, "distill": 0.0, "correct": 0, "seen": 0}
-        batches = range(0, len(perm), cfg.batch_size)
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for i in batches:
-            idx = perm[i:i + cfg.batch_size]
-            x = train_images[idx]
-            if cfg.augment:
-                x = augment_batch(x, gen, cfg.flip)
-            x, y = normalize(x.to(device, non_blocking=True)), train_labels[idx].to(device)
-            out = model(x)
-            ce = F.cross_entropy(out, y)
-            loss = ce
-            if branched and cfg.balance_weight > 0 and model._sigmab_tree.last_leaf_probs is not None:
-                bal = leaf_balance(model._sigmab_tree.last_leaf_probs)
-                loss = loss + cfg.balance_weight * bal
-                sums["balance"] += float(bal.detach()) * len(idx)
-            if teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                tt = cfg.distill_temperature
-                kd = F.kl_div(F.log_softmax(out / tt, 1), F.softmax(t_out / tt, 1), reduction="batchmean") * tt * tt
-                loss = loss + cfg.distill_weight * kd
-                sums["distill"] += float(kd.detach()) * len(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            sums["loss"] += float(loss.detach()) * len(idx)
-            sums["ce"] += float(ce.detach()) * len(idx)
-            sums["correct"] += int((out.argmax(1) == y).sum())
-            sums["seen"] += len(idx)
-        if branched:
-            set_routing(model, "auto")
-        n = max(1, sums["seen"])
-        row = {"epoch": epoch + 1, "temperature": temperature if branched else None, "lr": sched.get_last_lr()[0],
-               "loss": sums["loss"] / n, "ce": sums["ce"] / n, "balance": sums["balance"] / n,
-               "distill": sums["distill"] / n, "train_top1_soft": sums["correct"] / n,
-               "seconds": time.perf_counter() - t0}
-        if test is not None:
-            row.update({f"test_{k}": v for k, v in evaluate(model, test[0], test[1], normalize,
-                                                           cfg.eval_batch_size).items()})
-        history.append(row)
-        if out_dir is not None:
-            _save_checkpoint(out_dir, model, opt, sched, epoch, history)
-            with open(out_dir / LOG, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-    model.train(was_training)
+            set_routing(model, **saved_routing)
+        for m, flag in flags:
+            m.training = flag
     return history
 
 
-def _save_checkpoint(out_dir: Path, model, opt, sched, epoch: int, history: List[dict]) -> None:
+def _sync_buffers(model: nn.Module, world: int) -> None:
+    """Rank 0's buffers (BatchNorm statistics, router balance offsets) on every rank, as DDP itself
+    broadcasts them before each forward: the ranks end every epoch with identical models."""
+    if world > 1:
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig, epoch: int, temperature, opt,
+           sched, scaler, teacher, device) -> dict:
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout, loader shuffling; in-memory batches use gen
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    if temperature is not None:
+        hard = epoch >= cfg.epochs - cfg.hard_epochs
+        set_routing(model, "hard" if hard else "soft", temperature, top_k=cfg.top_k,
+                    balance_rate=cfg.balance_rate, bn_weighting=cfg.bn_weighting)
+    model.train()
+    batches, n_batches = _batches(data, cfg, gen, epoch)
+    batches = progress(batches, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}", n_batches or None)
+    sums: Dict[str, float] = {}
+    seen = correct = 0
+    load = None  # training leaf shares: path probability mass (soft) or routed samples (hard)
+    autocast = torch.autocast(device.type, dtype=AMP[cfg.amp]) if cfg.amp else contextlib.nullcontext()
+    for xb, yb in batches:
+        x, y = norm(xb.to(device, non_blocking=True)), yb.to(device)
+        if not isinstance(data, tuple) and (x.is_floating_point() and not torch.isfinite(x).all()):
+            raise ValueError(f"a training batch of epoch {epoch + 1} contains NaN or inf; clean the data")
+        with autocast:
+            out = runner(x)
+            t_out = None
+            if teacher is not None and loss_cfg.distill_weight > 0:
+                with torch.no_grad():
+                    t_out = teacher(x)
+            loss, parts = training_loss(model, out, y, teacher_logits=t_out, config=loss_cfg)
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"the training loss became {parts['loss']} in epoch {epoch + 1}: lower lr, or "
+                                     "check the data and labels; the model was restored to its state before finetune")
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        sched.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        seen += len(y)
+        if temperature is not None:
+            state = tree_state(model)
+            share = state.last_leaf_probs.detach().sum(0) if state.last_leaf_probs is not None else \
+                torch.bincount(state.last_leaves, minlength=2 ** state.depth).to(torch.float64)
+            load = share.double().cpu() if load is None else load + share.double().cpu()
+    n = max(1, seen)
+    seconds = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "temperature": temperature, "lr": sched.get_last_lr()[0],
+           **{k: v / n for k, v in sums.items()}, "train_top1": correct / n, "seconds": seconds,
+           "images_per_second": seen / max(seconds, 1e-9)}
+    if load is not None:
+        row["train_leaf_share"] = (load / load.sum()).tolist()
+    return row
+
+
+def _save_checkpoint(out_dir: Path, model, opt, sched, epoch: int, history: List[dict], cfg: FinetuneConfig) -> None:
     tmp = out_dir / (CHECKPOINT + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": json.dumps(history)}, tmp)
+                "epoch": epoch, "history": json.dumps(history), "config": json.dumps(cfg.to_dict())}, tmp)
     os.replace(tmp, out_dir / CHECKPOINT)

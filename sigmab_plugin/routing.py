@@ -2,13 +2,21 @@
 
 Each routed unit replaces one module of the dense model and holds that module's pruned copy for
 every node of its level. The first unit of level 1 runs the root router; the first unit of every
-deeper level runs its parents' routers. Rows are grouped by node along the batch dimension, so the
-per-sample glue between units (pooling, flatten) sees an ordinary batch; the last unit restores the
-input order (hard) or mixes the paths by their probabilities (soft). Tensors between units keep the
-dense channel width; a variant gathers the channels it kept and scatters its output back.
+deeper level runs its parents' routers. Tensors between units keep the dense channel width; a
+variant gathers the channels it kept and scatters its output back.
+
+Hard routing (eval default): one row per sample, and every unit hands its output back **in the
+input's row order**, so any prefix of the forward (timm's ``forward_features``, a hook on a unit)
+sees the rows the deployed path computes for each sample. Soft routing (training default): one row
+per (path, sample), grouped by node; the last unit mixes the paths by probability and records the
+per-path outputs for the training objective (:func:`sigmab_plugin.tree_loss`). Soft rows are only
+meaningful at the end of the full forward, so a routed unit refuses a soft forward that did not
+enter through the model's own ``__call__``.
 """
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -31,11 +39,13 @@ def pool_features(x: torch.Tensor) -> torch.Tensor:
 
 
 class CosineRouter(nn.Module):
-    """Two-way cosine classifier: ``logits = tau * cos(pool(x) - center, c_k) + b_k``; rows of ``centroids`` are c_k.
+    """Two-way cosine classifier: ``logits = tau * cos(pool(x) - center, c_k) + b_k + balance_k``.
 
-    ``center`` (the node's mean calibration feature) and ``tau`` are buffers saved with the tree;
-    branch() sets both per router. Centring matters: pooled post-ReLU features share one orthant, so
-    uncentred cosines are all close to 1 and a router on them is ill-conditioned.
+    ``center`` (the node's mean calibration feature) and ``tau`` are buffers set by branch().
+    Centring matters: pooled post-ReLU features share one orthant, so uncentred cosines are all
+    close to 1 and a router on them is ill-conditioned. ``balance`` is a load-balancing offset that
+    is not trained by gradient: like BatchNorm's running statistics it is updated by training-mode
+    forwards (see :meth:`update_balance`), pulling each child's share of hard decisions to 1/2.
     """
 
     def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None,
@@ -46,10 +56,21 @@ class CosineRouter(nn.Module):
         self.register_buffer("tau", torch.tensor(float(tau)))
         dim = centroids.shape[1]
         self.register_buffer("center", torch.zeros(dim) if center is None else center.detach().clone().float())
+        self.register_buffer("balance", torch.zeros(centroids.shape[0]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(pool_features(x).float() - self.center, dim=1)
-        return self.tau * f @ F.normalize(self.centroids, dim=1).T + self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # float32 whatever the model's dtype (half, bfloat16)
+        f = F.normalize(pool_features(x).float() - self.center.float(), dim=1)
+        c = F.normalize(self.centroids.float(), dim=1)
+        return self.tau.float() * f @ c.T + self.bias.float() + self.balance.float()
+
+    @torch.no_grad()
+    def update_balance(self, choice: torch.Tensor, rate: float) -> None:
+        """Move ``balance`` toward equal shares of the hard ``choice`` (0/1 per row) of one batch."""
+        if choice.numel() == 0 or rate <= 0:
+            return
+        share1 = choice.float().mean()
+        step = rate * (share1 - 0.5)  # too many to child 1: favour child 0
+        self.balance.add_(torch.stack([step, -step]).to(self.balance.dtype))
 
 
 class NodeVariant(nn.Module):
@@ -59,43 +80,168 @@ class NodeVariant(nn.Module):
                  out_width: int):
         super().__init__()
         self.module = module
-        self.register_buffer("in_idx", in_idx, persistent=False)
-        self.register_buffer("out_idx", out_idx, persistent=False)
+        self.register_buffer("in_idx", in_idx)  # persistent: the tree survives to("meta") and to_empty()
+        self.register_buffer("out_idx", out_idx)
         self.out_width = int(out_width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.in_idx is not None:
             x = x.index_select(1, self.in_idx)
-        y = self.module(x)
+        if row_weight is not None:  # soft training with path-weighted BatchNorm statistics
+            norms = [m for m in self.module.modules() if isinstance(m, PathBatchNorm)]
+            for m in norms:
+                m.row_weight = row_weight
+            try:
+                y = self.module(x)
+            finally:
+                for m in norms:
+                    m.row_weight = None
+        else:
+            y = self.module(x)
         if self.out_idx is not None:
             full = y.new_zeros((y.shape[0], self.out_width) + tuple(y.shape[2:]))
             y = full.index_copy(1, self.out_idx, y)
         return y
 
 
+class PathBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm of a tree node whose training statistics can be weighted per row.
+
+    In soft routing every sample reaches every node, with its path probability as weight. Plain
+    batch statistics then describe all samples, while in hard inference a node only sees the samples
+    routed to it; weighting each row by its (detached) path probability makes the node's batch and
+    running statistics those of its own share of the data. Without weights (hard routing, eval, or
+    ``bn_weighting`` off) it is exactly the BatchNorm it replaced.
+    """
+
+    row_weight: Optional[torch.Tensor] = None
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.row_weight
+        if w is None or not self.training or x.shape[0] < 2:
+            return super().forward(x)
+        w = w.detach().to(x.dtype).clamp_min(0)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [-1] + [1] * (x.dim() - 1)
+        per_row = w.view(shape) / w.sum().clamp_min(1e-12)
+        spatial = x[0, 0].numel()
+        mean = (x * per_row).sum(dims) / spatial
+        var = ((x - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2 * per_row).sum(dims) / spatial
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)
+                n_eff = float(w.sum() ** 2 / (w * w).sum().clamp_min(1e-12)) * spatial
+                unbiased = var * (n_eff / max(n_eff - 1.0, 1.0))
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y
+
+
+def to_path_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every ``BatchNorm1d/2d`` inside ``module`` into a :class:`PathBatchNorm` (same tensors)."""
+    for name, child in list(module.named_children()):
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            child.__class__ = _PATH_BN[type(child)]
+        else:
+            to_path_batchnorm(child)
+    return module
+
+
+class PathBatchNorm1d(PathBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class PathBatchNorm2d(PathBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+_PATH_BN = {nn.BatchNorm1d: PathBatchNorm1d, nn.BatchNorm2d: PathBatchNorm2d}
+
+
 @dataclass
 class _Context:
+    """Routing of the rows of one forward, from the first routed unit to the last."""
+
     batch: int
-    sample: torch.Tensor  # original sample index of each row
+    soft: bool
+    sample: torch.Tensor  # original sample index of each row (hard: arange, rows in input order)
     node: torch.Tensor  # node id (within the current level) of each row
-    weight: Optional[torch.Tensor]  # path probability of each row (soft routing only)
+    weight: Optional[torch.Tensor] = None  # path probability of each row (soft)
+    groups: Optional[list] = None  # hard: [(node, row index tensor)] of the current level
+    caller: Optional[tuple] = None  # partial forward: (id, code) of the frame that ran the first unit
+    last_out: Optional[weakref.ref] = None  # output of the latest unit
+
+
+@dataclass
+class PathOutputs:
+    """Per-(path, sample) outputs of the last soft-routed forward (see :func:`sigmab_plugin.tree_loss`)."""
+
+    output: torch.Tensor  # (R, ...) one row per kept (path, sample)
+    sample: torch.Tensor  # (R,) sample index of each row
+    leaf: torch.Tensor  # (R,) leaf of each row
+    weight: torch.Tensor  # (R,) path probability, renormalised over the kept paths of each sample
 
 
 class TreeState:
-    """Shared, non-module state of one branched model: routing mode and the per-forward context."""
+    """Shared, non-module state of one branched model: routing settings and the current forward."""
+
+    SETTINGS = ("mode", "temperature", "top_k", "balance_rate", "bn_weighting")
 
     def __init__(self, depth: int, spec: dict):
         self.depth = depth
         self.spec = spec  # JSON-able description of the tree (see branch.py)
         self.mode = "auto"
         self.temperature = 1.0
+        self.top_k: Optional[int] = None  # soft routing: paths kept per sample (None: all)
+        self.balance_rate = 0.0  # step of the routers' load-balancing offsets per training batch
+        self.bn_weighting = False  # soft training: node BatchNorm statistics weighted by path probability
+        self.in_forward = False  # set while the model's own __call__ runs
         self.ctx: Optional[_Context] = None
+        self.forced_leaves: Optional[torch.Tensor] = None  # hard routing follows these leaves when set
+        self._clear_results()
+        for k, v in spec.get("routing", {}).items():  # saved with the tree
+            if k in self.SETTINGS:
+                setattr(self, k, v)
+        spec["routing"] = self.settings()
+
+    def _clear_results(self) -> None:
         self.last_leaves: Optional[torch.Tensor] = None  # hard routing: leaf of each sample
         self.last_leaf_probs: Optional[torch.Tensor] = None  # soft routing: (B, 2**depth), differentiable
-        self.forced_leaves: Optional[torch.Tensor] = None  # hard routing follows these leaves when set
+        self.last_paths: Optional[PathOutputs] = None  # soft routing: per-path outputs
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.SETTINGS}
 
     def soft(self, training: bool) -> bool:
         return self.mode == "soft" or (self.mode == "auto" and training)
+
+    def __deepcopy__(self, memo):
+        new = TreeState(self.depth, _json_copy(self.spec))
+        for k in self.SETTINGS:
+            setattr(new, k, getattr(self, k))
+        return new
+
+    def __getstate__(self):
+        return {"depth": self.depth, "spec": self.spec, **self.settings()}
+
+    def __setstate__(self, data):
+        self.__init__(data["depth"], data["spec"])
+        for k in self.SETTINGS:
+            setattr(self, k, data[k])
+
+
+def _json_copy(obj):
+    import json
+    return json.loads(json.dumps(obj))
 
 
 class RoutedModule(nn.Module):
@@ -112,61 +258,81 @@ class RoutedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._tree
-        soft = state.soft(self.training)
         if self.is_first:
+            if getattr(self, "_is_replica", False):
+                raise RuntimeError("nn.DataParallel replicas of a tree would share one routing state across "
+                                   "threads; use DistributedDataParallel (one process per device) instead")
+            soft = state.soft(self.training)
+            if soft and not state.in_forward:
+                raise RuntimeError(
+                    "a soft-routed tree carries one row per (path, sample) between its units, so a partial "
+                    "forward (forward_features, forward_intermediates, a unit called directly) has no "
+                    "per-sample meaning: call the model itself, or set_routing(model, 'hard') (or eval()) first")
             b = x.shape[0]
-            state.ctx = _Context(b, torch.arange(b, device=x.device), torch.zeros(b, dtype=torch.long, device=x.device),
-                                 x.new_ones(b, dtype=torch.float32) if soft else None)
+            zeros = torch.zeros(b, dtype=torch.long, device=x.device)
+            state.ctx = _Context(b, soft, torch.arange(b, device=x.device), zeros,
+                                 x.new_ones(b, dtype=torch.float32) if soft else None,
+                                 [(0, None)] if not soft else None,
+                                 None if state.in_forward else _caller())
         ctx = state.ctx
         if ctx is None or ctx.sample.shape[0] != x.shape[0]:
-            raise RuntimeError("routed module called out of order: the tree's units must run in their forward order")
-        if self.routers is not None:
-            x = self._route(x, ctx, soft, state.temperature)
-        y = self._run_variants(x, ctx.node)
+            raise RuntimeError("a routed unit ran without the earlier units of the same forward (the routing of "
+                               "its rows is decided there): run the model, or a prefix of its forward such as "
+                               "forward_features, on this batch first")
+        if not self.is_first and ctx.caller is not None and not state.in_forward:
+            _check_continuation(ctx, x)
+        if ctx.soft:
+            if self.routers is not None:
+                x = self._route_soft(x, ctx, state)
+            y = self._run_soft(x, ctx, state)
+        else:
+            if self.routers is not None:
+                self._route_hard(x, ctx, state)
+            y = self._run_hard(x, ctx)
         if self.is_last:
             state.ctx = None
             return self._finish(y, ctx)
+        if ctx.caller is not None:
+            ctx.last_out = weakref.ref(y)
         return y
 
-    def _route(self, x, ctx, soft: bool, temperature: float) -> torch.Tensor:
-        rows, nodes, samples, weights = [], [], [], []
-        for parent, idx in _groups(ctx.node, len(self.routers)):
-            xs = x[idx]
-            logits = self.routers[parent](xs)
-            if soft:
-                p = torch.softmax(logits / temperature, dim=1)
-                for c in (0, 1):
-                    rows.append(xs)
-                    nodes.append(torch.full_like(ctx.node[idx], 2 * parent + c))
-                    samples.append(ctx.sample[idx])
-                    weights.append(ctx.weight[idx] * p[:, c])
+    # ----- hard routing: rows stay in input order ------------------------------------------------
+    def _route_hard(self, x, ctx: _Context, state: TreeState) -> None:
+        node = torch.empty_like(ctx.node)
+        for parent, idx in ctx.groups:
+            xs = x if idx is None else x.index_select(0, idx)
+            if state.forced_leaves is not None:  # follow the given path (calibration, diagnostics)
+                leaf = state.forced_leaves.to(x.device)
+                leaf = leaf if idx is None else leaf.index_select(0, idx)
+                choice = (leaf >> (state.depth - self.level)) & 1
             else:
-                if self._tree.forced_leaves is not None:  # follow the given path (calibration, tests)
-                    leaf = self._tree.forced_leaves.to(x.device)[ctx.sample[idx]]
-                    choice = (leaf >> (self._tree.depth - self.level)) & 1
-                else:
-                    choice = logits.argmax(dim=1)
-                rows.append(xs)
-                nodes.append(2 * parent + choice)
-                samples.append(ctx.sample[idx])
-        node = torch.cat(nodes)
-        order = torch.argsort(node, stable=True)
-        ctx.node, ctx.sample = node[order], torch.cat(samples)[order]
-        ctx.weight = torch.cat(weights)[order] if soft else None
-        return torch.cat(rows)[order]
+                logits = self.routers[parent](xs)
+                choice = logits.argmax(dim=1)
+                if self.training and state.balance_rate > 0:
+                    self.routers[parent].update_balance(choice, state.balance_rate)
+            if idx is None:
+                node = 2 * parent + choice
+            else:
+                node.index_copy_(0, idx, 2 * parent + choice)
+        ctx.node = node
+        ctx.groups = _hard_groups(node, len(self.variants))
 
-    def _run_variants(self, x: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
-        groups = _groups(node, len(self.variants))
-        if len(groups) == 1:
-            return self._run(groups[0][0], x)
-        return torch.cat([self._run(n, x[idx]) for n, idx in groups])
+    def _run_hard(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        if len(ctx.groups) == 1:
+            n, idx = ctx.groups[0]
+            return self._run(n, x)
+        if not ctx.groups:  # empty batch
+            return self.variants[0](x)
+        parts = [self._run(n, x.index_select(0, idx)) for n, idx in ctx.groups]
+        y = torch.cat(parts)
+        return torch.empty_like(y).index_copy(0, torch.cat([idx for _, idx in ctx.groups]), y)
 
-    def _run(self, n: int, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, n: int, x: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         variant = self.variants[n]
         if not (self.training and x.shape[0] == 1):
-            return variant(x)
-        # a one-sample training sub-batch (hard routing): batch statistics are undefined, so the
-        # node's norm layers use their running statistics for this call
+            return variant(x, row_weight)
+        # a one-sample training sub-batch: batch statistics are undefined, so the node's norm layers
+        # use their running statistics for this call
         norms = [m for m in variant.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
         for m in norms:
             m.eval()
@@ -176,20 +342,99 @@ class RoutedModule(nn.Module):
             for m in norms:
                 m.train()
 
+    # ----- soft routing: one row per (path, sample), grouped by node ------------------------------
+    def _route_soft(self, x, ctx: _Context, state: TreeState) -> torch.Tensor:
+        rows, nodes, samples, weights = [], [], [], []
+        for parent, idx in _soft_groups(ctx.node, len(self.routers)):
+            xs = x[idx]
+            logits = self.routers[parent](xs)
+            p = torch.softmax(logits / state.temperature, dim=1)
+            if self.training and state.balance_rate > 0:
+                greedy = ctx.weight[idx] >= _max_per_sample(ctx.weight, ctx.sample, ctx.batch)[ctx.sample[idx]]
+                self.routers[parent].update_balance(logits[greedy].argmax(1), state.balance_rate)
+            for c in (0, 1):
+                rows.append(xs)
+                nodes.append(torch.full_like(ctx.node[idx], 2 * parent + c))
+                samples.append(ctx.sample[idx])
+                weights.append(ctx.weight[idx] * p[:, c])
+        node, sample, weight = torch.cat(nodes), torch.cat(samples), torch.cat(weights)
+        keep = _top_k_rows(weight.detach(), sample, ctx.batch, state.top_k)
+        order = torch.argsort(node if keep is None else node[keep], stable=True)
+        if keep is not None:
+            order = keep[order]
+        ctx.node, ctx.sample, ctx.weight = node[order], sample[order], weight[order]
+        return torch.cat(rows)[order]
+
+    def _run_soft(self, x: torch.Tensor, ctx: _Context, state: TreeState) -> torch.Tensor:
+        groups = _soft_groups(ctx.node, len(self.variants))
+        use_w = state.bn_weighting and self.training
+        outs = [self._run(n, x[idx], ctx.weight[idx] if use_w else None) for n, idx in groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def _finish(self, y: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        self._tree.last_leaves = self._tree.last_leaf_probs = None
-        if ctx.weight is None:
-            out = torch.empty_like(y).index_copy_(0, ctx.sample, y)
-            self._tree.last_leaves = torch.empty_like(ctx.node).index_copy_(0, ctx.sample, ctx.node)
-            return out
-        probs = ctx.weight.new_zeros(ctx.batch, 2 ** self._tree.depth)
-        self._tree.last_leaf_probs = probs.index_put((ctx.sample, ctx.node), ctx.weight, accumulate=True)
-        w = ctx.weight.to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
+        state = self._tree
+        state._clear_results()
+        if not ctx.soft:
+            state.last_leaves = ctx.node.clone()
+            return y
+        total = ctx.weight.new_zeros(ctx.batch).index_add(0, ctx.sample, ctx.weight)
+        weight = ctx.weight / total[ctx.sample].clamp_min(1e-12)  # renormalised over the kept paths
+        probs = ctx.weight.new_zeros(ctx.batch, 2 ** state.depth)
+        state.last_leaf_probs = probs.index_put((ctx.sample, ctx.node), weight, accumulate=True)
+        state.last_paths = PathOutputs(y, ctx.sample, ctx.node, weight)
+        w = weight.to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
         out = y.new_zeros((ctx.batch,) + tuple(y.shape[1:]))
         return out.index_add(0, ctx.sample, w * y)
 
 
-def _groups(node: torch.Tensor, n_nodes: int):
+def _caller() -> tuple:
+    """(id, code) of the nearest frame outside torch.nn's module machinery and this file."""
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename.endswith(("module.py", "routing.py"))
+                             and ("torch" in f.f_code.co_filename or f.f_code.co_filename == __file__)):
+        f = f.f_back
+    return (id(f), f.f_code) if f is not None else (0, None)
+
+
+def _check_continuation(ctx: _Context, x: torch.Tensor) -> None:
+    """A unit called outside the model's own forward continues the routing of the partial forward that
+    ran the first unit. That is sound while that forward is still running (a prefix such as
+    ``forward_features``), or when ``x`` is that forward's output (``forward_head(forward_features(x))``);
+    otherwise the rows may belong to another batch, so refuse rather than route them wrongly."""
+    f = sys._getframe(2)
+    while f is not None:
+        if (id(f), f.f_code) == ctx.caller:
+            return
+        f = f.f_back
+    last = ctx.last_out() if ctx.last_out is not None else None
+    if last is not None and (x is last or (x.device == last.device and x.untyped_storage().data_ptr()
+                                           == last.untyped_storage().data_ptr())):
+        return
+    raise RuntimeError("this routed unit continues a partial forward of the tree, but its input is not that "
+                       "forward's output, so the routing of its rows is unknown: call forward_head (or the "
+                       "later units) on the unchanged output of forward_features, or run the whole model")
+
+
+def _hard_groups(node: torch.Tensor, n_nodes: int):
+    """[(node, row index tensor)] for each node present; a single node gets ``None`` (all rows)."""
+    if node.numel() == 0:
+        return []
+    if node.device.type == "meta":  # shapes only: every row through node 0
+        return [(0, None)]
+    present = torch.unique(node).tolist()
+    if len(present) == 1:
+        return [(present[0], None)]
+    order = torch.argsort(node, stable=True)
+    counts = torch.bincount(node, minlength=n_nodes).tolist()
+    out, start = [], 0
+    for n, c in enumerate(counts):
+        if c:
+            out.append((n, order[start:start + c]))
+            start += c
+    return out
+
+
+def _soft_groups(node: torch.Tensor, n_nodes: int):
     """(node id, row slice) for each node present, in node order; rows are already grouped by node."""
     counts = torch.bincount(node, minlength=n_nodes).tolist()
     out, start = [], 0
@@ -200,6 +445,53 @@ def _groups(node: torch.Tensor, n_nodes: int):
     return out
 
 
+def _max_per_sample(weight: torch.Tensor, sample: torch.Tensor, batch: int) -> torch.Tensor:
+    return weight.detach().new_zeros(batch).scatter_reduce(0, sample, weight.detach(), "amax", include_self=False)
+
+
+def _top_k_rows(weight: torch.Tensor, sample: torch.Tensor, batch: int, k: Optional[int]) -> Optional[torch.Tensor]:
+    """Indices of the ``k`` most probable rows of every sample (None: keep all)."""
+    if k is None or weight.numel() <= k * batch:
+        return None
+    by_weight = torch.argsort(weight, descending=True, stable=True)
+    by_sample = by_weight[torch.argsort(sample[by_weight], stable=True)]
+    counts = torch.bincount(sample, minlength=batch)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(by_sample), device=weight.device) - starts[sample[by_sample]]
+    return by_sample[rank < k]
+
+
+def _enter_forward(model: nn.Module, _args) -> None:
+    model._sigmab_tree.in_forward = True
+
+
+def _exit_forward(model: nn.Module, _args, _out) -> None:
+    model._sigmab_tree.in_forward = False
+
+
+def attach(model: nn.Module, state: TreeState) -> None:
+    """Make ``model`` a tree with ``state``: the routed units read it; the model's own forward marks
+    the span in which soft routing may run."""
+    model._sigmab_tree = state
+    model.register_forward_pre_hook(_enter_forward)
+    model.register_forward_hook(_exit_forward, always_call=True)
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach` (hooks found by identity, so a deep copy's hooks are its own)."""
+    for hooks, fn in ((model._forward_pre_hooks, _enter_forward), (model._forward_hooks, _exit_forward)):
+        for key in [k for k, v in hooks.items() if v is fn]:
+            del hooks[key]
+            getattr(model, "_forward_hooks_always_called", {}).pop(key, None)
+    if hasattr(model, "_sigmab_tree"):
+        del model._sigmab_tree
+
+
+def is_branched(model: nn.Module) -> bool:
+    """True when ``model`` was restructured by :func:`sigmab_plugin.branch` (or loaded as a tree)."""
+    return isinstance(getattr(model, "_sigmab_tree", None), TreeState)
+
+
 def tree_state(model: nn.Module) -> TreeState:
     state = getattr(model, "_sigmab_tree", None)
     if not isinstance(state, TreeState):
@@ -207,18 +499,58 @@ def tree_state(model: nn.Module) -> TreeState:
     return state
 
 
-def set_routing(model: nn.Module, mode: str, temperature: Optional[float] = None) -> nn.Module:
-    """Set how a branched ``model`` routes, in place: ``"hard"`` (argmax, one path per sample),
-    ``"soft"`` (mixture of all paths, differentiable) or ``"auto"`` (soft in train mode, hard in eval)."""
+def set_routing(model: nn.Module, mode: Optional[str] = None, temperature: Optional[float] = None, *,
+                top_k=False, balance_rate: Optional[float] = None, bn_weighting: Optional[bool] = None) -> nn.Module:
+    """Set how a branched ``model`` routes, in place; arguments left out keep their value.
+
+    ``mode``: ``"hard"`` (argmax, one path per sample), ``"soft"`` (every path, mixed by probability,
+    differentiable) or ``"auto"`` (soft in train mode, hard in eval). ``temperature``: of the router
+    softmax in soft mode. ``top_k``: soft routing keeps only each sample's ``k`` most probable paths
+    (None: all). ``balance_rate``: step per training batch of the routers' load-balancing offsets (0:
+    off). ``bn_weighting``: in soft training, node BatchNorm statistics weighted by path probability.
+    """
     state = tree_state(model)
-    if mode not in ROUTING_MODES:
+    if mode is not None and mode not in ROUTING_MODES:
         raise ValueError(f"routing mode {mode!r} is unknown; choose one of {ROUTING_MODES}")
+    new = {}
     if temperature is not None:
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be a positive number")
-        state.temperature = float(temperature)
-    state.mode = mode
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+                or temperature == float("inf"):
+            raise ValueError(f"temperature={temperature!r} must be a finite positive number")
+        new["temperature"] = float(temperature)
+    if top_k is not False:
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} must be None (all paths) or an integer >= 1")
+        new["top_k"] = top_k
+    if balance_rate is not None:
+        if isinstance(balance_rate, bool) or not isinstance(balance_rate, (int, float)) or not 0 <= balance_rate < 10:
+            raise ValueError(f"balance_rate={balance_rate!r} must be a number in [0, 10)")
+        new["balance_rate"] = float(balance_rate)
+    if bn_weighting is not None:
+        if not isinstance(bn_weighting, bool):
+            raise TypeError(f"bn_weighting={bn_weighting!r} must be True or False")
+        new["bn_weighting"] = bn_weighting
+    if mode is not None:
+        new["mode"] = mode
+    for k, v in new.items():
+        setattr(state, k, v)
+    state.spec["routing"] = state.settings()
     return model
+
+
+def forward_leaf(model: nn.Module, x: torch.Tensor, leaf: int) -> torch.Tensor:
+    """The output of one root-to-leaf path for every sample of ``x`` (routers bypassed, hard routing,
+    the model's train/eval mode as it is): what the tree computes for the samples it routes to ``leaf``."""
+    state = tree_state(model)
+    n = 2 ** state.depth
+    if isinstance(leaf, bool) or not isinstance(leaf, int) or not 0 <= leaf < n:
+        raise ValueError(f"leaf={leaf!r} is not a leaf of this depth-{state.depth} tree: use 0..{n - 1}")
+    saved = state.mode
+    state.mode, state.forced_leaves = "hard", torch.full((x.shape[0],), leaf, dtype=torch.long, device=x.device)
+    try:
+        return model(x)
+    finally:
+        state.mode, state.forced_leaves = saved, None
 
 
 def route(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from adapters.cifar_resnet import cifar_resnet
-from sigmab_plugin._split import custom_pruners
+from sigmab_plugin.adapters.cifar_resnet import cifar_resnet
+from sigmab_plugin import registered_pruners
 
 warnings.filterwarnings("ignore")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -68,7 +68,7 @@ def masked_dense(dense: nn.Module, tree: nn.Module, leaf: int) -> nn.Module:
     example = torch.zeros(2, *spec["input_shape"])
     with torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(probe, example_inputs=example, verbose=False,
-                                                   customized_pruners=custom_pruners())
+                                                   customized_pruners=registered_pruners())
     names = {m: n for n, m in probe.named_modules()}
     masks = {}
     for level in range(1, depth + 1):
@@ -85,7 +85,7 @@ def masked_dense(dense: nn.Module, tree: nn.Module, leaf: int) -> nn.Module:
                 mod = item.dep.target.module
                 name = names.get(mod)
                 if (name is None or not dg.is_in_channel_pruning_fn(item.dep.handler)
-                        or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear, *custom_pruners()))
+                        or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear, *registered_pruners()))
                         or not any(name == u or name.startswith(u + ".") for u in units)):
                     continue
                 masks.setdefault(name, set()).update(item.idxs)
@@ -105,18 +105,23 @@ def masked_dense(dense: nn.Module, tree: nn.Module, leaf: int) -> nn.Module:
     return model
 
 
-def modules_run_params(model: nn.Module, x: torch.Tensor) -> int:
-    """Independent active count: parameters owned directly by the modules that ran on ``x``."""
+def modules_run(model: nn.Module, call) -> set:
+    """The modules of ``model`` whose forward ran during ``call()``."""
     ran, handles = set(), []
     for m in model.modules():
         handles.append(m.register_forward_hook(lambda mod, _i, _o: ran.add(mod)))
     try:
         with torch.no_grad():
-            model(x)
+            call()
     finally:
         for h in handles:
             h.remove()
-    return sum(p.numel() for m in ran for p in m.parameters(recurse=False))
+    return ran
+
+
+def modules_run_params(model: nn.Module, x: torch.Tensor) -> int:
+    """Independent active count: parameters owned directly by the modules that ran on ``x``."""
+    return sum(p.numel() for m in modules_run(model, lambda: model(x)) for p in m.parameters(recurse=False))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ the model untouched."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,11 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sigmab_plugin as sb
-from sigmab_plugin import branch as _unused  # noqa: F401
 from sigmab_plugin.routing import RoutedModule
-import importlib
+from conftest import images, make_model, masked_dense
+
 branch_module = importlib.import_module("sigmab_plugin.branch")
-from conftest import images, make_model
 
 CALIB = images(64, seed=1)
 X = images(24, seed=2)
@@ -33,8 +33,15 @@ def test_training_flag_preserved_and_eval_routes_hard():
     sb.branch(model, depth=2, calib_data=CALIB, progress=False)
     assert model.training
     model.eval()
-    model(X)
-    assert model._sigmab_tree.last_leaves is not None  # hard path taken
+    with torch.no_grad():
+        out = model(X)
+        leaves = model._sigmab_tree.last_leaves.clone()
+        assert len(leaves.unique()) > 1
+        for leaf in leaves.unique().tolist():  # each sample gets exactly its own leaf's output
+            rows = leaves == leaf
+            assert torch.allclose(out[rows], sb.forward_leaf(model, X, leaf)[rows], atol=1e-5)
+        sb.set_routing(model, "soft")
+        assert not torch.allclose(model(X), out, atol=1e-4)  # the soft mixture is a different function
 
 
 def test_hard_routing_runs_each_reached_node_once_on_its_sub_batch():
@@ -194,15 +201,17 @@ def test_routers_reproduce_calibration_shares_on_pruned_features(depth):
     assert min(shares) > 0 and int(counts.min()) > 0
 
 
-def test_forced_leaves_select_the_path():
-    model = sb.branch(make_model("resnet"), depth=2, calib_data=CALIB, progress=False)
-    state = model._sigmab_tree
-    for leaf in range(4):
-        state.forced_leaves = torch.full((len(X),), leaf)
-        with torch.no_grad():
-            model(X)
-        assert state.last_leaves.tolist() == [leaf] * len(X)
-    state.forced_leaves = None
+@pytest.mark.parametrize("family", ["resnet", "cifar_resnet_a"])
+def test_forward_leaf_is_the_dense_model_masked_to_that_path(family):
+    dense = make_model(family)
+    model = sb.branch(copy.deepcopy(dense), depth=2, keep_ratio=0.5, calib_data=CALIB, progress=False)
+    with torch.no_grad():
+        for leaf in range(4):
+            ref = masked_dense(dense, model, leaf)(X)
+            out = sb.forward_leaf(model, X, leaf)
+            assert float((out - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    with pytest.raises(ValueError, match="leaf=4 is not a leaf"):
+        sb.forward_leaf(model, X, 4)
 
 
 def test_hard_routed_training_with_a_one_sample_leaf():

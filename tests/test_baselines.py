@@ -1,7 +1,6 @@
 """Baselines: HRank's importance, the two FPGM variants, the registry and the budget matching."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -9,9 +8,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from baselines import registry
-from baselines.fpgm_nni import internal_convs, nni_masks
-from baselines.hrank import HRankImportance, feature_map_ranks
+from sigmab_plugin.baselines import registry
+from sigmab_plugin.baselines.fpgm_nni import internal_convs, nni_masks
+from sigmab_plugin.baselines.hrank import HRankImportance, feature_map_ranks
 from conftest import images, make_model
 
 

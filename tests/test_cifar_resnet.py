@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sigmab_plugin as sb
-from adapters.cifar_resnet import CifarResNet, cifar_resnet, load_checkpoint
+from sigmab_plugin.adapters.cifar_resnet import CifarResNet, cifar_resnet, load_checkpoint
 
 CHECKPOINTS = [(20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th"), (44, "resnet44-014dd654.th"),
                (56, "resnet56-4bfd9763.th")]
@@ -13,7 +13,7 @@ CHECKPOINTS = [(20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th"), (44, 
 
 @pytest.fixture(scope="module")
 def cifar_test():
-    from baselines.data import SHARED_DATA, load_dataset
+    from sigmab_plugin.baselines.data import SHARED_DATA, load_dataset
 
     if not (SHARED_DATA / "cifar10-jpeg.tar.gz").is_file():
         pytest.skip("../shared/data/cifar10-jpeg.tar.gz is not present")
@@ -67,7 +67,7 @@ def test_pad_shortcut_pruner_keeps_the_channel_map():
     """Pruning through the option-A shortcut equals masking the pruned channels of the dense block."""
     import torch_pruning as tp
 
-    from adapters.cifar_resnet import PadShortcut, PadShortcutPruner
+    from sigmab_plugin.adapters.cifar_resnet import PadShortcut, PadShortcutPruner
 
     pad = PadShortcut(4, 8)
     x = torch.randn(2, 4, 6, 6)

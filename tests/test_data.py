@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from baselines import data as D
+from sigmab_plugin.baselines import data as D
 
 
 def test_digits_is_embedded_and_split():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sigmab_plugin as sb
-from conftest import FAMILIES, images, make_model, masked_dense, modules_run_params
+from conftest import FAMILIES, images, make_model, masked_dense, modules_run, modules_run_params
 
 CALIB = images(64, seed=1)
 X = images(32, seed=2)
@@ -64,21 +64,27 @@ def test_hard_equals_soft_at_one_hot(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_param_report_matches_independent_count(family):
+    """Counts by forward hooks: per leaf, the parameters of the modules that ran; stored, the union over
+    every leaf's run (each module counted once)."""
     _, tree = _branched(family, depth=2, keep_ratio=0.5, prune_residual=family != "convnext")
     rep = sb.param_report(tree)
-    params = dict(tree.named_parameters())
-    assert rep["total_params"] == sum(v.numel() for k, v in tree.state_dict().items() if k in params)
     assert rep["dense_params"] == sum(p.numel() for p in make_model(family).parameters())
-    leaves = sb.route(tree, X)
-    seen = set()
-    for i, leaf in enumerate(leaves.tolist()):
-        if leaf in seen:
-            continue
-        seen.add(leaf)
-        assert modules_run_params(tree, X[i:i + 1]) == rep["active_params"][leaf]
+    union = set()
+    for leaf in range(4):
+        ran = modules_run(tree, lambda: sb.forward_leaf(tree, X[:1], leaf))
+        # routers on the path run too: forward_leaf bypasses them, so they are counted apart
+        routers = [r.routers[(leaf >> (2 - r.level)) >> 1] for r in tree.modules()
+                   if isinstance(r, sb.routing.RoutedModule) and r.routers is not None]
+        owned = ran | {m for r in routers for m in r.modules()}
+        union |= owned
+        assert sum(p.numel() for m in owned for p in m.parameters(recurse=False)) == rep["active_params"][leaf]
+    assert sum(p.numel() for m in union for p in m.parameters(recurse=False)) == rep["total_params"]
     assert rep["active_params_max"] == max(rep["active_params"])
     assert rep["active_fraction_max"] == pytest.approx(rep["active_params_max"] / rep["dense_params"])
     assert rep["bytes_per_inference_max"] >= 4 * rep["active_params_max"]
+    leaves = sb.route(tree, X)  # routed inputs read exactly their leaf's parameters
+    i = int(leaves[0])
+    assert modules_run_params(tree, X[:1]) == rep["active_params"][i]
 
 
 @pytest.mark.parametrize("family", ["resnet", "regnet", "mobilenetv3", "cifar_resnet_a"])

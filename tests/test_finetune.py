@@ -8,7 +8,7 @@ import torch
 
 import sigmab_plugin as sb
 import sigmab_plugin.finetune as ft
-from conftest import images, make_model
+from conftest import make_model
 
 X = (torch.rand(96, 3, 32, 32) * 255).to(torch.uint8)
 Y = torch.randint(0, 10, (96,), generator=torch.Generator().manual_seed(0))
@@ -73,20 +73,56 @@ def test_soft_training_trains_routers_and_anneals_temperature(tmp_path):
 
 def test_distillation_and_balance_terms():
     probs = torch.full((8, 4), 0.25)
-    assert float(ft.leaf_balance(probs)) == pytest.approx(0.0)
+    assert float(sb.leaf_balance(probs)) == pytest.approx(0.0)
     collapsed = torch.zeros(8, 4)
     collapsed[:, 0] = 1
-    assert float(ft.leaf_balance(collapsed)) == pytest.approx(3.0)
+    assert float(sb.leaf_balance(collapsed)) == pytest.approx(3.0)
     model, teacher = _model(True), make_model("cifar_resnet_b")
     cfg = ft.FinetuneConfig(epochs=1, batch_size=48, progress=False, distill_weight=1.0)
     hist = ft.finetune(model, X, Y, _norm, cfg, teacher=teacher)
     assert hist[0]["distill"] > 0
 
 
-def test_augmentation_is_seeded_crop_and_flip():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    a = ft.augment_batch(x, torch.Generator().manual_seed(1), flip=True)
-    b = ft.augment_batch(x, torch.Generator().manual_seed(1), flip=True)
-    assert torch.equal(a, b) and a.shape == x.shape
+def test_augmentation_is_a_padded_crop_and_flip():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1  # no zeros: padding shows
+    pad = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    crops = {}
+    for seed in range(6):
+        for flip in (False, True):
+            out = ft.augment_batch(x, torch.Generator().manual_seed(seed), flip=flip)
+            assert out.shape == x.shape
+            for i in range(2):
+                windows = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in ((False, True) if flip else (False,))
+                           if torch.equal(out[i], (pad[i, :, dy:dy + 8, dx:dx + 8].flip(2) if f
+                                                   else pad[i, :, dy:dy + 8, dx:dx + 8]))]
+                assert windows, "every output image is a window of the padded input (flipped or not)"
+                crops.setdefault(flip, set()).update(windows)
+    assert len(crops[False]) > 3  # seeds give different crops
+    assert any(f for _, _, f in crops[True])  # flips happen when asked
     with pytest.raises(ValueError, match="hard_epochs"):
         ft.FinetuneConfig(epochs=1, hard_epochs=2)
+
+
+def test_plain_loop_with_public_pieces_equals_finetune():
+    """A ten-line loop over sb.tree_loss / sb.temperature_at / sb.set_routing reaches finetune's weights."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(_norm(X), Y), batch_size=32)
+    cfg = ft.FinetuneConfig(epochs=2, lr=0.05, progress=False, balance_weight=0.3)
+    ref = _model(True)
+    ft.finetune(ref, loader, cfg=cfg)
+
+    model = _model(True)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
+    for epoch in range(cfg.epochs):
+        sb.set_routing(model, "soft", sb.temperature_at(epoch, cfg.epochs, cfg.temperature_start, cfg.temperature_end))
+        model.train()
+        for x, y in loader:
+            loss, _ = sb.tree_loss(model, model(x), y, config=cfg.loss())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    a, b = ref.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

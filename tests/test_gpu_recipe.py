@@ -1,19 +1,12 @@
 """The GPU recipe's code path, run on CPU at tiny size (the real run needs a GPU)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_recipe_runs_on_cpu_at_tiny_size(tmp_path, shared_dir):
-    spec = importlib.util.spec_from_file_location("gpu_recipe", ROOT / "benchmarks" / "gpu_recipe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("benchmarks.gpu_recipe")
     rows = mod.main(["--data-root", str(shared_dir / "data"), "--tiny", "--device", "cpu", "--model", "resnet18",
                      "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == ["dense", "sigmab", "fpgm", "hrank"]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The fair long-budget comparison behind benchmarks/results/long_comparison.md (issue 4).
+# CIFAR-10 (JPEG set) from the pretrained CIFAR ResNet-20 and ResNet-56 (option A), the full 50,000-image
+# training set, the same epochs, schedule, distillation and seed for every method, all 10,000 test images.
+# SigmaB at active fractions 0.40 and 0.30; FPGM and HRank at 0.30, 0.40 and 0.55; dense; a second seed
+# at 0.40. Every run checkpoints each epoch and resumes (--resume), so the script can be rerun across
+# sessions until it is complete; then `report` writes the table, the plot and the reading.
+#   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
+#   EPOCHS_R20=5 EPOCHS_R56=3 set the epochs (the report states what was used).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+W=../shared/weights
+common=(--quiet --resume --data cifar10-jpeg --shortcut A --batch-size 64 --lr 0.01 --calib-size 512)
+
+run() {  # model checkpoint epochs fraction seed methods...
+  local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5
+  shift 5
+  $PY examples/compare_baselines.py "${common[@]}" --model "$model" --checkpoint "$W/$ckpt" --epochs "$epochs" \
+    --target-fraction "$frac" --seed "$seed" --methods "$@" --out "runs/long/${model}_f${frac}_s${seed}"
+}
+
+both() {  # model checkpoint epochs
+  run "$1" "$2" "$3" 0.40 0 dense sigmab fpgm hrank
+  run "$1" "$2" "$3" 0.30 0 sigmab fpgm hrank
+  run "$1" "$2" "$3" 0.55 0 fpgm hrank
+  run "$1" "$2" "$3" 0.40 1 sigmab fpgm hrank
+}
+
+r20() { both resnet20 resnet20-12fca82f.th "${EPOCHS_R20:-5}"; }
+r56() { both resnet56 resnet56-4bfd9763.th "${EPOCHS_R56:-3}"; }
+report() { $PY -m benchmarks.report_long runs/long benchmarks/results; }
+
+for part in ${@:-r20 r56 report}; do "$part"; done
