@@ -37,7 +37,7 @@ class HarnessConfig:
     depth: int = 2
     keep_ratio: float = 0.5
     prune_residual: bool = True
-    coverage: bool = True  # SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
+    coverage: bool = False  # True: SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

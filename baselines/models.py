@@ -26,16 +26,22 @@ def create_model(name: str, num_classes: int, checkpoint: Optional[str] = None, 
                          "model name (timm.list_models())")
     model = timm.create_model(name, num_classes=num_classes, pretrained=False)
     if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))
-        model.load_state_dict(state)
+        load_weights(model, checkpoint)
+    return model
+
+
+def load_weights(model: nn.Module, checkpoint) -> nn.Module:
+    """Load a local ``.safetensors`` or torch checkpoint (a state dict, or one under 'state_dict'/'model')."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    model.load_state_dict(state)
     return model
 
 

@@ -43,6 +43,8 @@ VARIANTS = {
     "bal2_top2": ("sigmab", {}, dict(balance_weight=2.0, top_k=2), True),
     "bal2_hard1": ("sigmab", {}, dict(balance_weight=2.0, hard_epochs=1), True),
     "bal2_nocover": ("sigmab", {"coverage": False}, dict(balance_weight=2.0), True),
+    "nocover_w_bal2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, distill_paths="weighted"), True),
+    "nocover_top2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, top_k=2), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "hrank_kd": ("hrank", {}, {}, True),

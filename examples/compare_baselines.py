@@ -36,7 +36,9 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--no-residual", action="store_true", help="do not prune residual-stream channels")
-    ap.add_argument("--no-coverage", action="store_true", help="siblings need not hold every channel (keep < 0.5)")
+    ap.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=False,
+                    help="SigmaB siblings together keep every dense channel (needs keep >= 0.5; off: each child keeps "
+                         "its own most active channels, measured +1 pp at equal active parameters)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
@@ -80,7 +82,7 @@ def parse(argv=None) -> tuple:
                         bn_weighting=a.bn_weighting, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
-                        prune_residual=not a.no_residual, coverage=not a.no_coverage,
+                        prune_residual=not a.no_residual, coverage=a.coverage,
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,

@@ -40,9 +40,13 @@ def first_consumers(model: nn.Module, trace: _trace.Trace, units: List[str]) -> 
     return out
 
 
-def build_tree(model: nn.Module, spec: dict, example: torch.Tensor,
-               routers: List[List[CosineRouter]]) -> Tuple[Dict[str, nn.Module], TreeState]:
-    """Build the routed modules described by ``spec`` from the dense ``model`` (not modified)."""
+def build_tree(model: nn.Module, spec: dict, example: torch.Tensor, routers: List[List[CosineRouter]],
+               nodes: Optional[dict] = None, pruners=None) -> Tuple[Dict[str, nn.Module], TreeState]:
+    """Build the routed modules described by ``spec`` from the dense ``model`` (not modified).
+
+    ``nodes`` may give, per node key ``"l/j"``, already pruned ``(units, group infos)``; the others
+    are pruned here from deep copies of ``model``.
+    """
     levels = spec["levels"]
     depth = len(levels)
     units = [u for lv in levels for u in lv]
@@ -54,7 +58,8 @@ def build_tree(model: nn.Module, spec: dict, example: torch.Tensor,
     for l, lv in enumerate(levels, start=1):
         for j in range(2 ** l):
             plan = spec["plan"].get(f"{l}/{j}", {})
-            node_units, infos = _split.build_node(model, example, plan, lv, unit_level, spec["classifier"])
+            node_units, infos = (nodes or {}).get(f"{l}/{j}") or _split.build_node(
+                model, example, plan, lv, unit_level, spec["classifier"], pruners)
             prev = None if l == 1 else _split.boundary_index(infos, plan, consumers[levels[l - 2][-1]])
             for u, m in zip(lv, node_units):
                 out = _split.boundary_index(infos, plan, consumers[u])

@@ -47,6 +47,8 @@ class GroupInfo:
     producers: int  # dense layers that only write these channels (>= 2 means a residual stream)
     align: int  # channels per kept position block (grouped convs), 1 otherwise
     consumers: Dict[str, Tuple[List[int], List[int]]] = field(default_factory=dict)  # name -> (idxs, root_idxs)
+    writers: set = field(default_factory=set)  # modules whose output channels these are
+    members: set = field(default_factory=set)  # every named module the group touches
 
 
 def _level_of(name: str, unit_level: Dict[str, int]) -> int:
@@ -57,7 +59,7 @@ def _level_of(name: str, unit_level: Dict[str, int]) -> int:
     return 0
 
 
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example: torch.Tensor, pruners=None) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``model`` (a copy: tracing needs autograd, so frozen parameters of the
     copy are made trainable; ``build_node`` restores each parameter's flag after pruning)."""
     model.eval()  # tracing must not touch BatchNorm statistics
@@ -65,7 +67,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         p.requires_grad_(True)
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                     customized_pruners=registered_pruners())
+                                                     customized_pruners={**registered_pruners(), **(pruners or {})})
 
 
 def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[str, int],
@@ -96,7 +98,8 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
         writers = [model.get_submodule(n) for n in outs - ins]  # layers that only write these channels
         producers = sum(1 for m in writers if isinstance(m, PARAM_LAYERS) and getattr(m, "groups", 1) == 1)
         n = dg.get_out_channels(root)
-        infos.append(GroupInfo(names[root], n, levels, producers, align, consumers))
+        members = {names[i.dep.target.module] for i in group.items if i.dep.target.module in names}
+        infos.append(GroupInfo(names[root], n, levels, producers, align, consumers, outs, members))
     return infos
 
 
@@ -144,8 +147,13 @@ def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
 
 def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torch.Tensor]],
              parent_plans: List[Dict[str, List[int]]], ratio: float, coverage: bool, prune_residual: bool,
-             round_to: int, unit_level: Dict[str, int]) -> List[Dict[str, List[int]]]:
-    """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics."""
+             round_to: int, unit_level: Dict[str, int], whole: Sequence[str] = (),
+             ratios: Optional[Dict[str, float]] = None) -> List[Dict[str, List[int]]]:
+    """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics.
+
+    Groups touching a module of ``whole`` stay unpruned; ``ratios`` (module name -> keep ratio)
+    overrides ``ratio`` for the groups whose channels that module writes."""
+    whole, ratios = set(whole), ratios or {}
     n_nodes = len(node_stats)
     plans: List[Dict[str, List[int]]] = [dict() for _ in range(n_nodes)]
     for info in infos:
@@ -158,8 +166,10 @@ def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torc
                     plans[j][info.key] = kept
             continue
         stream = info.producers >= 2 or max(info.levels) > level
-        if stream and not prune_residual:
+        if (stream and not prune_residual) or info.members & whole:
             continue
+        own = [ratios[n] for n in sorted(info.writers | {info.key}) if n in ratios]
+        group_ratio = own[0] if own else ratio
         if info.n % info.align:
             continue
         for parent in range(0, n_nodes, 2):
@@ -169,7 +179,7 @@ def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torc
                 continue  # nothing in this level reads these channels: leave them whole
             m = info.n // info.align
             pos = [s.view(info.align, m).sum(0) for s in scores]
-            k = _keep_count(ratio, m, 1 if info.align > 1 else round_to)
+            k = _keep_count(group_ratio, m, 1 if info.align > 1 else round_to)
             if k >= m:
                 continue
             kept = _cover(pos, k) if coverage else [torch.topk(p, k).indices.sort().values for p in pos]
@@ -191,13 +201,17 @@ def boundary_index(infos: List[GroupInfo], plan: Dict[str, List[int]], consumer:
     return None
 
 
-def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int]], unit_names: Sequence[str],
-               unit_level: Dict[str, int], ignored: Sequence[str]) -> Tuple[List[nn.Module], List[GroupInfo]]:
-    """Deep-copy ``dense``, prune the planned groups through a DependencyGraph, return the node's units."""
+def prepare_node(dense: nn.Module, example: torch.Tensor, unit_level: Dict[str, int], ignored: Sequence[str],
+                 pruners=None):
+    """A deep copy of ``dense`` with its DependencyGraph and group descriptions, ready to be pruned."""
     model = copy.deepcopy(dense)
     frozen = {n for n, p in dense.named_parameters() if not p.requires_grad}
-    dg = build_graph(model, example)
-    infos = describe_groups(model, dg, unit_level, ignored)
+    dg = build_graph(model, example, pruners)
+    return model, dg, describe_groups(model, dg, unit_level, ignored), frozen
+
+
+def node_groups(model: nn.Module, dg: tp.DependencyGraph, infos: List[GroupInfo], plan: Dict[str, List[int]]):
+    """Torch-Pruning groups that bring ``model`` (a node's copy) to ``plan``: yields (key, group), unpruned."""
     for info in infos:
         kept = plan.get(info.key)
         if kept is None:
@@ -209,8 +223,19 @@ def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, removed)
         if not dg.check_pruning_group(group):
             raise RuntimeError(f"pruning group rooted at {info.key!r} to {len(kept)} channels is invalid")
-        group.prune()
+        yield info.key, group
+
+
+def finish_node(model: nn.Module, frozen: set, unit_names: Sequence[str]) -> List[nn.Module]:
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
-    units = [model.get_submodule(n) for n in unit_names]
-    return units, infos
+    return [model.get_submodule(n) for n in unit_names]
+
+
+def build_node(dense: nn.Module, example: torch.Tensor, plan: Dict[str, List[int]], unit_names: Sequence[str],
+               unit_level: Dict[str, int], ignored: Sequence[str], pruners=None) -> Tuple[List[nn.Module], List[GroupInfo]]:
+    """Deep-copy ``dense``, prune the planned groups through a DependencyGraph, return the node's units."""
+    model, dg, infos, frozen = prepare_node(dense, example, unit_level, ignored, pruners)
+    for _, group in node_groups(model, dg, infos, plan):
+        group.prune()
+    return finish_node(model, frozen, unit_names), infos

@@ -34,7 +34,7 @@ def _resolve_config(config, **kwargs) -> BranchConfig:
 
 
 def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, split_points=_UNSET, seed=_UNSET,
-           config: Optional[BranchConfig] = None, **options) -> nn.Module:
+           config: Optional[BranchConfig] = None, customized_pruners: Optional[dict] = None, **options) -> nn.Module:
     """Restructure ``model`` into a SigmaB tree in place and return the same object.
 
     Args:
@@ -46,7 +46,22 @@ def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, spl
         split_points: module paths feeding the routers (default: picked from ``feature_info``).
         seed: seed of the spherical k-means.
         config: a ``BranchConfig``; keyword arguments (including any of its fields) override it.
+        customized_pruners: ``{module type: tp pruning function}`` for layers Torch-Pruning does not
+            know (added to those of :func:`register_pruner`, for this call).
     """
+    cfg = _resolve_config(config, depth=depth, keep_ratio=keep_ratio, split_points=split_points, seed=seed,
+                          **options)
+    example, device = prepare(model, cfg, calib_data)
+    flags = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        return _branch(model, cfg, calib_data, example, device, customized_pruners)
+    finally:
+        _restore_flags(model, flags)
+
+
+def prepare(model: nn.Module, cfg: BranchConfig, calib_data, example: Optional[torch.Tensor] = None):
+    """Check ``model`` and ``calib_data`` before anything happens; returns (example input, device)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, "_orig_mod"):
@@ -54,8 +69,6 @@ def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, spl
                         "(model._orig_mod), then compile the tree")
     if is_branched(model):
         raise ValueError(f"{type(model).__name__} is already branched; branch a fresh dense model")
-    cfg = _resolve_config(config, depth=depth, keep_ratio=keep_ratio, split_points=split_points, seed=seed,
-                          **options)
     params = list(model.parameters())
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters to branch")
@@ -69,13 +82,10 @@ def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, spl
                          f"{cfg.min_leaf_samples * 2 ** cfg.depth} samples")
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     _calib.check_batch(first, device, "first batch", dtype)
-    example = first[:2]
-    flags = {name: m.training for name, m in model.named_modules()}
-    model.eval()
-    try:
-        return _branch(model, cfg, calib_data, example, device)
-    finally:
-        _restore_flags(model, flags)
+    if example is None:
+        return first[:2], device
+    _calib.check_batch(example, device, "example_inputs", dtype)
+    return example, device
 
 
 def _restore_flags(model: nn.Module, flags: Dict[str, bool]) -> None:
@@ -92,7 +102,14 @@ def _restore_flags(model: nn.Module, flags: Dict[str, bool]) -> None:
         m.training = flags.get(name, m.training)
 
 
-def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
+def _branch(model, cfg: BranchConfig, calib_data, example, device, pruners=None) -> nn.Module:
+    spec, routers = plan_tree(model, cfg, calib_data, example, device, pruners)
+    return assemble(model, spec, routers, calib_data, cfg, example, device, pruners=pruners)
+
+
+def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=None):
+    """Everything ``branch`` decides before it builds anything: the spec (split points, units, every
+    node's keep-sets) and the routers. ``model`` is only run, never changed."""
     try:
         trace = _trace.trace_calls(model, example)
     except (RuntimeError, ValueError, TypeError) as err:
@@ -104,6 +121,11 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
     units = [u for lv in levels for u in lv]
     unit_level = {u: l for l, lv in enumerate(levels, start=1) for u in lv}
     classifier = classifier_layers(model, trace)
+    names = dict(model.named_modules())
+    unknown = [n for n in list(cfg.ignored_layers or []) + list(cfg.keep_ratio_dict or {}) if n not in names]
+    if unknown:
+        raise ValueError(f"ignored_layers / keep_ratio_dict name {unknown}, which {type(model).__name__} does not "
+                         f"have; use module paths from model.named_modules(), e.g. {units[:3]}")
 
     features = _calib.split_features(model, split_points, calib_data, cfg, device)
     n = features[0].shape[0]
@@ -121,17 +143,18 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
                          "a DataLoader; an iterable backed by a generator can be read once only)")
 
     probe = copy.deepcopy(model)
-    infos = _split.describe_groups(probe, _split.build_graph(probe, example), unit_level, classifier)
+    infos = _split.describe_groups(probe, _split.build_graph(probe, example, pruners), unit_level, classifier)
     del probe
     plans: Dict[str, dict] = {}
     parent_plans: List[dict] = []
     for l in range(1, cfg.depth + 1):
         node_stats = [{k: v[j] / max(float(counts[l][j]), 1.0) for k, v in sums[l].items()} for j in range(2 ** l)]
         level_plans = _split.allocate(infos, l, node_stats, parent_plans, cfg.keep_ratios()[l - 1], cfg.coverage,
-                                      cfg.prune_residual, cfg.round_to, unit_level)
+                                      cfg.prune_residual, cfg.round_to, unit_level, cfg.ignored_layers or (),
+                                      cfg.keep_ratio_dict)
         plans.update({f"{l}/{j}": p for j, p in enumerate(level_plans)})
         parent_plans = level_plans
-    if min(cfg.keep_ratios()) < 1.0 and not any(plans.values()):
+    if min(cfg.keep_ratios() + list((cfg.keep_ratio_dict or {}).values())) < 1.0 and not any(plans.values()):
         raise ValueError(f"keep_ratio={cfg.keep_ratio} prunes nothing in {type(model).__name__}: no channel group "
                          f"after split point {split_points[0]!r} can be pruned (for instance parameters Torch-Pruning "
                          "cannot trace, or only layers whose channels feed the output); choose other split_points "
@@ -144,8 +167,16 @@ def _branch(model, cfg: BranchConfig, calib_data, example, device) -> nn.Module:
         "input_shape": list(example.shape[1:]), "dense_params": sum(p.numel() for p in model.parameters()),
         "plan": plans, "calibration": {"samples": n, "shares": shares},
     }
+    return spec, routers
+
+
+def assemble(model, spec: dict, routers, calib_data, cfg: BranchConfig, example, device, nodes=None,
+             pruners=None) -> nn.Module:
+    """Build the tree of ``spec`` (``nodes``: node copies already pruned), swap it into ``model``, refit
+    the routers below the root and check a forward; on any failure ``model`` is put back as it was."""
     dense = copy.deepcopy(model)
-    routed, state = build_tree(model, spec, example, routers)
+    routed, state = build_tree(model, spec, example, routers, nodes, pruners)
+    split_points = spec["split_points"]
     originals = swap_in(model, routed)
     try:
         attach(model, state)

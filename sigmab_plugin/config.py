@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 CONFIG_VERSION = 1
 
@@ -36,6 +36,10 @@ class BranchConfig:
     prune_residual: bool = field(
         default=False, metadata={"help": "also prune residual-stream channels (groups with several producers)"})
     round_to: int = field(default=1, metadata={"help": "kept channel counts are multiples of this"})
+    ignored_layers: Optional[Sequence[str]] = field(
+        default=None, metadata={"help": "module paths kept whole (unpruned) in every node"})
+    keep_ratio_dict: Optional[Dict[str, float]] = field(
+        default=None, metadata={"help": "module path -> keep ratio of the channel groups that module writes"})
     router_tau: Optional[float] = field(
         default=None, metadata={"help": "scale of the cosine router logits; None: per router, median margin 1"})
     kmeans_restarts: int = field(default=4, metadata={"help": "spherical k-means restarts (best objective kept)"})
@@ -57,6 +61,15 @@ class BranchConfig:
                     or not all(isinstance(s, str) for s in self.split_points):
                 raise TypeError(f"split_points must be a list of module paths, got {self.split_points!r}")
             self.split_points = list(self.split_points)
+        if self.ignored_layers is not None:
+            if isinstance(self.ignored_layers, str) or not isinstance(self.ignored_layers, (list, tuple)) \
+                    or not all(isinstance(s, str) for s in self.ignored_layers):
+                raise TypeError(f"ignored_layers must be a list of module paths, got {self.ignored_layers!r}")
+            self.ignored_layers = list(self.ignored_layers)
+        if self.keep_ratio_dict is not None:
+            if not isinstance(self.keep_ratio_dict, dict) or not all(isinstance(k, str) for k in self.keep_ratio_dict):
+                raise TypeError(f"keep_ratio_dict must map module paths to keep ratios, got {self.keep_ratio_dict!r}")
+            self.keep_ratio_dict = {k: _real(f"keep_ratio_dict[{k!r}]", v) for k, v in self.keep_ratio_dict.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -75,10 +88,11 @@ class BranchConfig:
         _real("min_cluster_share", self.min_cluster_share)
         if self.depth < 1:
             raise ValueError(f"depth={self.depth!r} is invalid: use an integer >= 1")
-        ratios = self.keep_ratios()
+        ratios = self.keep_ratios() + list((self.keep_ratio_dict or {}).values())
         for r in ratios:
             if not (math.isfinite(r) and 0.0 < r <= 1.0):
-                raise ValueError(f"keep_ratio={self.keep_ratio!r} is invalid: every ratio must lie in (0, 1]")
+                raise ValueError(f"keep_ratio={self.keep_ratio!r} / keep_ratio_dict={self.keep_ratio_dict!r} is "
+                                 "invalid: every ratio must lie in (0, 1]")
         if isinstance(self.keep_ratio, list) and len(self.keep_ratio) != self.depth:
             raise ValueError(
                 f"keep_ratio has {len(self.keep_ratio)} entries for depth={self.depth}: give one float or "

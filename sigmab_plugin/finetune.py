@@ -49,7 +49,7 @@ class FinetuneConfig:
     temperature_end: float = field(default=0.1, metadata={"help": "router temperature of the last epoch"})
     hard_epochs: int = field(default=0, metadata={"help": "last epochs trained with hard routing (routers frozen)"})
     objective: str = field(default="expected", metadata={"help": "'expected' per-path loss or 'mixture'"})
-    balance_weight: float = field(default=0.5, metadata={"help": "weight of the leaf load-balance term"})
+    balance_weight: float = field(default=2.0, metadata={"help": "weight of the leaf load-balance term"})
     balance_rate: float = field(default=0.0, metadata={"help": "step of the routers' load-balancing offsets"})
     distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation (when a teacher is given)"})
     distill_temperature: float = 4.0
@@ -217,14 +217,16 @@ def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable
 
 def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optional[Callable] = None,
              cfg: Optional[FinetuneConfig] = None, *, test=None, teacher: Optional[nn.Module] = None,
-             out_dir=None, resume: bool = False, diagnostics: bool = False) -> List[dict]:
+             out_dir=None, resume: bool = False, diagnostics: bool = False,
+             on_epoch: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Train ``model`` in place (its train/eval mode and routing settings are restored); returns the
     per-epoch log (also written to ``out_dir/log.jsonl``, with an atomic checkpoint per epoch).
 
     Data: ``train_images`` (uint8 NCHW) with ``train_labels`` in memory, or ``train_images`` a
     ``DataLoader`` of ``(x, y)`` and ``train_labels=None``. ``normalize`` maps a batch to the model's
     input (default: identity). ``test``: ``(images, labels)`` or a loader, evaluated after each epoch.
-    ``teacher``: the dense model, for distillation (``cfg.distill_weight``).
+    ``teacher``: the dense model, for distillation (``cfg.distill_weight``). ``on_epoch(row)`` is
+    called with each epoch's log row (e.g. to report to NNI or stop early by raising).
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in
     ``DistributedDataParallel`` (unused leaves and routers allowed), every rank trains on its share of
@@ -240,7 +242,7 @@ def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optio
         _check_data(model, test, norm, "test data")
     snapshot = _Snapshot(model)
     try:
-        return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics)
+        return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics, on_epoch)
     except BaseException:
         snapshot.restore(model)  # a failed or interrupted run leaves the model as it was
         raise
@@ -338,7 +340,8 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
 _RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
 
 
-def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics):
+def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics,
+              on_epoch):
     device = next(model.parameters()).device
     branched = is_branched(model)
     saved_routing = tree_state(model).settings() if branched else None
@@ -395,6 +398,8 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
                 with open(out_dir / LOG, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
             _barrier(world)
+            if on_epoch is not None:
+                on_epoch(row)
     finally:
         if branched:
             set_routing(model, **saved_routing)

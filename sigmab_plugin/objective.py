@@ -42,7 +42,7 @@ class LossConfig:
     """Terms of the SigmaB training loss (see the module docstring)."""
 
     objective: str = field(default="expected", metadata={"help": "expected per-path loss, or CE of the mixture"})
-    balance_weight: float = field(default=0.5, metadata={"help": "weight of the leaf load-balance term"})
+    balance_weight: float = field(default=2.0, metadata={"help": "weight of the leaf load-balance term"})
     distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation (used when a teacher is given)"})
     distill_temperature: float = field(default=4.0, metadata={"help": "softmax temperature of distillation"})
     distill_paths: str = field(default="all", metadata={"help": "'all': every path distilled unweighted; 'weighted'"})
