@@ -84,16 +84,15 @@ def test_interactive_step_yields_each_nodes_groups():
         group.prune()
     assert set(seen) == {"1/0", "1/1", "2/0", "2/1", "2/2", "2/3"} and min(seen.values()) > 0
     _same_tree(model, sb.branch(make_model("resnet"), calib_data=CALIB, progress=False))
-    dense, skipped = make_model("resnet"), make_model("resnet")
+    skipped = make_model("resnet")
     for group in SigmaBPruner(skipped, X[:2], calib_data=CALIB, progress=False).step(interactive=True):
-        roots = {item.dep.target.module for item in group.items}
-        if group.sigmab_node == "2/1" and skipped.layer4 is not None and any(
-                isinstance(m, nn.Conv2d) and m.out_channels == 512 and m.in_channels == 512 for m in roots):
-            continue  # the user keeps this group of node 2/1 whole
-        group.prune()
-    assert sb.is_branched(skipped)
+        if group.sigmab_node != "2/1":  # the user keeps node 2/1's own groups whole
+            group.prune()
     with torch.no_grad():
         assert skipped(X).shape == (8, 10)
+    widths = [v.module[0].conv1.out_channels for v in skipped.layer4.variants]
+    assert widths[1] == 512 and widths[0] == widths[2] == widths[3] == 256, widths
+    assert "layer4.0.conv1" not in sb.tree_state(skipped).spec["plan"]["2/1"]
 
 
 def test_activation_importance_changes_what_a_static_pruner_keeps():
