@@ -32,7 +32,8 @@ class BranchConfig:
         default=None, metadata={"help": "module paths whose outputs feed the routers; None picks them from feature_info"})
     seed: int = field(default=0, metadata={"help": "seed of the spherical k-means"})
     coverage: bool = field(
-        default=True, metadata={"help": "siblings together keep every dense channel (needs keep_ratio >= 0.5)"})
+        default=False, metadata={"help": "siblings together keep every dense channel (needs keep_ratio >= 0.5); "
+                                         "off: each child keeps its own most active channels (measured +1 pp)"})
     prune_residual: bool = field(
         default=False, metadata={"help": "also prune residual-stream channels (groups with several producers)"})
     round_to: int = field(default=1, metadata={"help": "kept channel counts are multiples of this"})

@@ -114,7 +114,7 @@ BAD = [
     (dict(depth=4), ValueError, "depth=4 needs 4 split points"),
     (dict(keep_ratio=0.0), ValueError, "keep_ratio=0.0"),
     (dict(keep_ratio=1.5), ValueError, "keep_ratio=1.5"),
-    (dict(keep_ratio=0.3), ValueError, "coverage=True needs keep_ratio >= 0.5"),
+    (dict(keep_ratio=0.3, coverage=True), ValueError, "coverage=True needs keep_ratio >= 0.5"),
     (dict(split_points=["layer9", "layer2"]), ValueError, "split point 'layer9' not found"),
     (dict(split_points=["layer2", "layer1"]), ValueError, "not in execution order"),
     (dict(calib_data=CALIB[:10]), ValueError, "calib_data has 10 samples"),
@@ -228,3 +228,20 @@ def test_hard_routed_training_with_a_one_sample_leaf():
     out.sum().backward()
     assert state.last_leaves.tolist() == [0, 0, 0, 3]
     assert model.fc.variants[3].module.weight.grad is not None
+
+
+@pytest.mark.parametrize("coverage", [True, False])
+def test_coverage_option_decides_whether_siblings_keep_every_channel(coverage):
+    model = sb.branch(make_model("resnet"), depth=2, keep_ratio=0.5, coverage=coverage, calib_data=CALIB,
+                      progress=False)
+    plan = model._sigmab_tree.spec["plan"]
+    dense = make_model("resnet")
+    uncovered = 0
+    for level in (1, 2):
+        for parent in range(0, 2 ** level, 2):
+            a, b = plan[f"{level}/{parent}"], plan[f"{level}/{parent + 1}"]
+            for key in set(a) & set(b):
+                n = dense.get_submodule(key).out_channels
+                parent_kept = set(plan[f"{level - 1}/{parent // 2}"].get(key, range(n))) if level > 1 else set(range(n))
+                uncovered += len(parent_kept - set(a[key]) - set(b[key]))
+    assert (uncovered == 0) == coverage, uncovered
