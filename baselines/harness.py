@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch import nn
 
 import sigmab_plugin as sb
 from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
@@ -24,6 +23,7 @@ from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
 from .data import load_dataset
 from .models import classifier_name, create_model
 from .registry import RunContext, available_methods, get_method
+from .timing import latency_ratios
 
 
 @dataclass
@@ -59,19 +59,6 @@ class HarnessConfig:
             raise ValueError(f"keep_ratio={self.keep_ratio} must lie in (0, 1]")
         if self.target_fraction is not None and not 0 < self.target_fraction < 1:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
-
-
-def latency_ms(model: nn.Module, x1: torch.Tensor, repeat: int = 20) -> float:
-    model.eval()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x1)
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            model(x1)
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
@@ -115,7 +102,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     teacher = None
     if ft.distill_weight > 0:  # every method distils from the same frozen dense reference
         teacher = copy.deepcopy(dense).eval().requires_grad_(False)
-    rows = []
+    rows, trained = [], {}
     for name in cfg.methods:
         method = get_method(name)
         t0 = time.perf_counter()
@@ -136,7 +123,6 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
             stored = active = sum(p.numel() for p in model.parameters())
         row = {"method": name, "stored_params": stored, "active_params": active,
                "active_fraction": active / dense_params, "top1": after["top1"], "top1_before_finetune": before["top1"],
-               "latency_ms_b1": latency_ms(model, data.normalize(test.images[:1].to(cfg.device))),
                "budget": budget if method.static else None, "within_budget": (active <= budget) if method.static else None,
                "leaf_histogram": after.get("leaf_histogram"), "prepare_seconds": prepare_s,
                "train_seconds": sum(h["seconds"] for h in history),
@@ -155,6 +141,14 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                  f"{after['leaf_histogram']}") if branched else ""
         log(f"{name:9s} active {active:>11,} ({row['active_fraction']:.3f})  top-1 {before['top1']:.4f} -> "
             f"{after['top1']:.4f}  ({row['train_seconds']:.0f}s){extra}")
+    x1 = data.normalize(test.images[:1].to(cfg.device))
+    calls = {name: (lambda m=m: m(x1)) for name, m in trained.items()}
+    calls["__dense__"] = lambda: dense(x1)
+    timing = latency_ratios(calls, "__dense__")
+    for r in rows:  # batch-1 latency as a ratio to the dense reference, interleaved rounds
+        t = timing[r["method"]]
+        r.update({"latency_ms_b1": t["ms"], "latency_ratio_b1": t["ratio"],
+                  "latency_ratio_b1_range": [t["ratio_min"], t["ratio_max"]]})
     dense_row = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])
@@ -167,7 +161,8 @@ def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path) -> None:
     cfg_dict = asdict(cfg)
     (out / "results.json").write_text(json.dumps({"config": cfg_dict, "rows": rows}, indent=1))
     cols = ["method", "stored_params", "active_params", "active_fraction", "top1", "delta_vs_dense_pp",
-            "top1_before_finetune", "latency_ms_b1", "budget", "keep_ratio", "leaf_histogram"]
+            "top1_before_finetune", "latency_ms_b1", "latency_ratio_b1", "budget", "keep_ratio", "leaf_histogram",
+            "train_images_per_second"]
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -196,11 +191,13 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
 
 
 def format_table(rows: List[dict]) -> str:
-    head = f"{'method':10s} {'stored':>11s} {'active':>11s} {'frac':>6s} {'top-1':>7s} {'vs dense':>9s} {'b1 ms':>7s}"
+    head = (f"{'method':10s} {'stored':>11s} {'active':>11s} {'frac':>6s} {'top-1':>7s} {'vs dense':>9s} "
+            f"{'b1 / dense':>10s} {'train img/s':>11s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         d = r.get("delta_vs_dense_pp")
         lines.append(f"{r['method']:10s} {r['stored_params']:>11,} {r['active_params']:>11,} "
                      f"{r['active_fraction']:>6.3f} {100 * r['top1']:>6.2f}% "
-                     f"{'' if d is None else f'{d:+.2f}pp':>9s} {r['latency_ms_b1']:>7.2f}")
+                     f"{'' if d is None else f'{d:+.2f}pp':>9s} {r['latency_ratio_b1']:>10.2f} "
+                     f"{r['train_images_per_second'] or 0:>11.0f}")
     return "\n".join(lines)

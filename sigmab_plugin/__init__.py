@@ -8,6 +8,7 @@ from ._split import register_pruner, registered_pruners
 from .branch import branch
 from .config import BranchConfig
 from .io import load_branched, save_branched
+from .export import export_deployment, export_path, load_deployment
 from .kmeans import spherical_kmeans
 from .objective import LossConfig, TemperatureSchedule, leaf_balance, temperature_at, tree_loss
 from .report import param_report, summary
@@ -23,10 +24,13 @@ __all__ = [
     "TemperatureSchedule",
     "__version__",
     "branch",
+    "export_deployment",
+    "export_path",
     "forward_leaf",
     "is_branched",
     "leaf_balance",
     "load_branched",
+    "load_deployment",
     "param_report",
     "register_pruner",
     "registered_pruners",

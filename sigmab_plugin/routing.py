@@ -207,6 +207,7 @@ class TreeState:
         self.in_forward = False  # set while the model's own __call__ runs
         self.ctx: Optional[_Context] = None
         self.forced_leaves: Optional[torch.Tensor] = None  # hard routing follows these leaves when set
+        self.node_loader = None  # load_deployment: loads a node's weights before its first use
         self._clear_results()
         for k, v in spec.get("routing", {}).items():  # saved with the tree
             if k in self.SETTINGS:
@@ -328,6 +329,8 @@ class RoutedModule(nn.Module):
         return torch.empty_like(y).index_copy(0, torch.cat([idx for _, idx in ctx.groups]), y)
 
     def _run(self, n: int, x: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._tree.node_loader is not None:
+            self._tree.node_loader(self.level, n, self._tree.ctx)
         variant = self.variants[n]
         if not (self.training and x.shape[0] == 1):
             return variant(x, row_weight)

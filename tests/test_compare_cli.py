@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+import sigmab_plugin as sb
+from sigmab_plugin.baselines.models import create_model
+from conftest import modules_run
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("compare_baselines", ROOT / "examples" / "compare_baselines.py")
@@ -31,14 +36,26 @@ def test_runs_end_to_end_and_records_one_budget(tmp_path, capsys):
     # every method got the same fine-tuning budget, data and seed ...
     for key in ("finetune", "train_images", "test_images", "seed", "data", "model"):
         assert len({json.dumps(r[key], sort_keys=True) for r in rows}) == 1, key
-    # ... and every static method the same active-parameter budget: SigmaB's largest path
+    # ... and every static method the same active-parameter budget: SigmaB's largest path, counted here
+    # independently (forward hooks on the saved tree, each leaf forced)
     sig = next(r for r in rows if r["method"] == "sigmab")
+    tree = sb.load_branched(create_model("resnet20", 10, shortcut="B"), tmp_path / "sigmab" / "tree")
+    counts = []
+    for leaf in range(4):
+        ran = modules_run(tree, lambda: sb.forward_leaf(tree, torch.zeros(1, 3, 32, 32), leaf))
+        routers = [r.routers[(leaf >> (2 - r.level)) >> 1] for r in tree.modules()
+                   if isinstance(r, sb.routing.RoutedModule) and r.routers is not None]
+        counts.append(sum(p.numel() for m in ran | {m for r in routers for m in r.modules()}
+                          for p in m.parameters(recurse=False)))
+    assert max(counts) == sig["active_params"]
     for r in rows:
         if r["method"] in ("fpgm", "hrank", "fpgm_nni"):
-            assert r["budget"] == sig["active_params"] and r["within_budget"]
-            assert r["active_params"] >= 0.9 * sig["active_params"]
+            assert r["budget"] == max(counts) and r["within_budget"]
+            assert 0.9 * max(counts) <= r["active_params"] <= max(counts)
     assert sum(sig["leaf_histogram"]) == 96
-    assert (tmp_path / "sigmab" / "tree" / "sigmab_spec.json").is_file()
+    for name in methods:  # every method was distilled from the dense model (the flag reached training)
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert all(row["distill"] > 0 for row in log), name
 
 
 def test_sweep_writes_one_plot_over_budgets(tmp_path):
@@ -46,6 +63,25 @@ def test_sweep_writes_one_plot_over_budgets(tmp_path):
                             "--out", str(tmp_path)])
     assert len(rows) == 4 and (tmp_path / "top1_vs_active.png").is_file()
     assert (tmp_path / "keep0.5" / "results.json").is_file() and (tmp_path / "keep1.0" / "results.json").is_file()
+
+
+def test_distill_zero_trains_without_teacher(tmp_path):
+    rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", "--distill", "0", "--out", str(tmp_path)])
+    for r in rows:
+        log = [json.loads(line) for line in (tmp_path / r["method"] / "log.jsonl").read_text().splitlines()]
+        assert not r["distilled"] and all("distill" not in row for row in log)
+
+
+def test_recipe_flags_reach_the_config():
+    cfg, _ = cli.parse(TINY + ["--objective", "mixture", "--balance-weight", "0.7", "--balance-rate", "0.01",
+                               "--top-k", "2", "--bn-weighting", "--distill-paths", "weighted", "--coverage",
+                               "--hard-epochs", "1", "--resume"])
+    ft = cfg.finetune
+    assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
+            ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
+    assert cfg.coverage and cfg.resume
+    default, _ = cli.parse(TINY)
+    assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
 
 
 @pytest.mark.parametrize("args,message", [
