@@ -1,3 +1,2 @@
-"""Model adapters: architectures SigmaB supports beyond timm (CIFAR ResNets), registered with timm."""
-from . import cifar_resnet  # noqa: F401
-
+"""Model adapters: architectures SigmaB supports beyond timm (CIFAR ResNets, PointNet++), registered with timm."""
+from . import cifar_resnet, pointnet2  # noqa: F401

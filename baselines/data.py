@@ -34,7 +34,8 @@ STATS = {  # per-channel mean/std used to normalise inputs
     "imagenette-112": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DATASETS = ("digits", *ARCHIVES, "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", *ARCHIVES, "cifar10", "cifar100", "imagefolder", "modelnet40", "modelnet40-h5",
+            "modelnet40-normal")
 
 
 @dataclass
@@ -71,7 +72,10 @@ def load_dataset(name: str, root: Optional[str] = None, limit: Optional[int] = N
     """Load ``name`` (one of ``DATASETS``); ``limit`` keeps a class-stratified random subset of each split."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)}")
-    if name == "digits":
+    if name.startswith("modelnet40"):
+        from .points import load_points
+        ds = load_points(name, root)
+    elif name == "digits":
         ds = _digits()
     elif name in ARCHIVES:
         ds = _archive(name, Path(root) if root else SHARED_DATA)

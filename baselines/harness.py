@@ -41,6 +41,7 @@ class HarnessConfig:
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 0.5} for PointNet++
     pretrain_lr: float = 0.1
     calib_size: int = 512
     train_limit: Optional[int] = None
@@ -77,11 +78,13 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         idx = torch.randperm(len(test.labels), generator=g)[:cfg.test_limit].sort().values
         test = type(test)(test.images[idx], test.labels[idx])
     ft = cfg.finetune
-    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut).to(cfg.device)
+    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut, **cfg.model_kwargs).to(cfg.device)
+    augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: pad-4 crop
     if cfg.pretrain_epochs:
         log(f"training the dense reference from scratch: {cfg.pretrain_epochs} epochs")
         pre = FinetuneConfig(**{**ft.to_dict(), "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr})
-        finetune(dense, train.images, train.labels, data.normalize, pre, out_dir=out / "pretrain")
+        finetune(dense, train.images, train.labels, data.normalize, pre, out_dir=out / "pretrain", augment=augment,
+                 resume=cfg.resume)
     dense.eval()
     dense_params = sum(p.numel() for p in dense.parameters())
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
@@ -113,7 +116,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         torch.manual_seed(cfg.seed)
         history = finetune(model, train.images, train.labels, data.normalize, ft,
                            test=(test.images, test.labels), teacher=teacher, out_dir=out / name,
-                           resume=cfg.resume)
+                           resume=cfg.resume, augment=augment)
         branched = sb.is_branched(model)
         after = evaluate(model, test.images, test.labels, data.normalize, diagnostics=branched)
         if branched:
@@ -123,6 +126,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
             stored = active = sum(p.numel() for p in model.parameters())
         row = {"method": name, "stored_params": stored, "active_params": active,
                "active_fraction": active / dense_params, "top1": after["top1"], "top1_before_finetune": before["top1"],
+               "mean_class_top1": after["mean_class_top1"],
                "budget": budget if method.static else None, "within_budget": (active <= budget) if method.static else None,
                "leaf_histogram": after.get("leaf_histogram"), "prepare_seconds": prepare_s,
                "train_seconds": sum(h["seconds"] for h in history),
@@ -137,6 +141,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         if name == "sigmab":
             sb.save_branched(model, out / "sigmab" / "tree")
         rows.append(row)
+        trained[name] = model.eval()
         extra = (f"  best leaf {after['best_leaf_top1']:.4f}, oracle {after['oracle_top1']:.4f}, leaves "
                  f"{after['leaf_histogram']}") if branched else ""
         log(f"{name:9s} active {active:>11,} ({row['active_fraction']:.3f})  top-1 {before['top1']:.4f} -> "

@@ -12,8 +12,10 @@ from ..adapters.cifar_resnet import DEPTHS, cifar_resnet, load_checkpoint
 CIFAR_MODELS = {f"resnet{d}": d for d in DEPTHS}
 
 
-def create_model(name: str, num_classes: int, checkpoint: Optional[str] = None, shortcut: str = "A") -> nn.Module:
-    """``resnet20/32/44/56`` are CIFAR ResNets (``shortcut`` A or B); other names are timm models."""
+def create_model(name: str, num_classes: int, checkpoint: Optional[str] = None, shortcut: str = "A",
+                 **kwargs) -> nn.Module:
+    """``resnet20/32/44/56`` are CIFAR ResNets (``shortcut`` A or B); other names are timm models
+    (including ``pointnet2_ssg``/``pointnet2_msg``), built with ``kwargs`` (e.g. ``width``)."""
     if name in CIFAR_MODELS:
         model = cifar_resnet(CIFAR_MODELS[name], num_classes, shortcut)
         if checkpoint:
@@ -24,7 +26,7 @@ def create_model(name: str, num_classes: int, checkpoint: Optional[str] = None, 
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}; choose {sorted(CIFAR_MODELS)} (CIFAR ResNets) or a timm "
                          "model name (timm.list_models())")
-    model = timm.create_model(name, num_classes=num_classes, pretrained=False)
+    model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint)
     return model

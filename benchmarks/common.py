@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def machine() -> dict:
 
 
 def _commit() -> str:
+    if os.environ.get("SIGMAB_COMMIT"):  # a copy without .git (e.g. a lent GPU machine)
+        return os.environ["SIGMAB_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -19,6 +19,8 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from sigmab_plugin.baselines.data import DATASETS
 from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
@@ -31,6 +33,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--data", default="digits", choices=DATASETS)
     ap.add_argument("--data-root", default=None, help="folder of the data (default ../shared/data for archives)")
     ap.add_argument("--checkpoint", default=None, help="pretrained dense weights (local file)")
+    ap.add_argument("--width", type=float, default=None, help="channel multiplier (PointNet++ models)")
     ap.add_argument("--shortcut", default="B", choices=["A", "B"], help="CIFAR ResNet shortcut option")
     ap.add_argument("--methods", nargs="+", default=["dense", "sigmab", "fpgm", "hrank", "fpgm_nni"])
     ap.add_argument("--depth", type=int, default=2)
@@ -64,6 +67,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
@@ -74,9 +78,10 @@ def parse(argv=None) -> tuple:
         if not 0 < k <= 1:
             ap.error(f"keep ratio {k} must lie in (0, 1]")
     digits = a.data == "digits"
+    points = a.data.startswith("modelnet40")
     epochs = a.epochs if a.epochs is not None else (6 if digits else 4)
     pre = a.pretrain_epochs if a.pretrain_epochs is not None else (12 if digits and not a.checkpoint else 0)
-    ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not digits, seed=a.seed,
+    ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not (digits or points), seed=a.seed,
                         distill_weight=a.distill, distill_paths=a.distill_paths, objective=a.objective,
                         balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
                         bn_weighting=a.bn_weighting, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
@@ -86,7 +91,8 @@ def parse(argv=None) -> tuple:
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
-                        resume=a.resume)
+                        resume=a.resume, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        model_kwargs={} if a.width is None else {"width": a.width})
     return cfg, a.sweep
 
 

@@ -10,7 +10,7 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
   # torch/torchvision are pinned to the builds this project is tested with
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/pip" install -q -e '.[dev,nni,plots,onnx]' 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/pip" install -q -e '.[dev,nni,plots,onnx,points]' 2>&1 | grep -v "is ignored" >&2 || true
   "$VENV/bin/python" -c "import torch, timm, torch_pruning, sigmab_plugin" \
     || { echo "[sigmab] installation failed" >&2; exit 1; }
   rm -f "$VENV"/.sigmab-installed-*

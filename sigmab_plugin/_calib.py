@@ -66,9 +66,10 @@ def _finite(t: torch.Tensor, where: str) -> None:
 def route_children(routers: List[CosineRouter], parent: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Child node id of every row, given its parent node id and the split-point output ``out``."""
     child = torch.empty_like(parent)
+    pooled = pool_features(out)
     for j in torch.unique(parent).tolist():
         rows = parent == j
-        child[rows] = 2 * j + routers[j](out[rows]).argmax(1)
+        child[rows] = 2 * j + routers[j](pooled[rows]).argmax(1)
     return child
 
 

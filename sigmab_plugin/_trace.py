@@ -42,7 +42,8 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
         def hook(_m, _inp, out):
             clock[0] += 1
             exit_[name] = clock[0]
-            width[name] = out.shape[1] if torch.is_tensor(out) and out.ndim > 1 else 0
+            f = out[0] if isinstance(out, tuple) and out and torch.is_tensor(out[0]) else out
+            width[name] = f.shape[1] if torch.is_tensor(f) and f.ndim > 1 else 0
         return hook
 
     for name, m in model.named_modules():
@@ -64,6 +65,12 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
 
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
+
+
+def _ancestors(name: str) -> List[str]:
+    """Every enclosing module path (a ModuleList in between is never called, so look past it)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def split_candidates(model: nn.Module, trace: Trace) -> List[str]:
@@ -111,7 +118,7 @@ def plan_units(model: nn.Module, trace: Trace, split_points: Sequence[str]) -> L
         raise ValueError(f"split points {list(split_points)} are not in execution order; candidates: {cands}")
     t0 = ends[0]
     after = {n for n in trace.order if trace.enter[n] > t0}
-    units = sorted((n for n in after if _parent(n) not in after), key=lambda n: trace.enter[n])
+    units = sorted((n for n in after if not any(a in after for a in _ancestors(n))), key=lambda n: trace.enter[n])
     for t in ends[1:]:
         units = _refine(units, t, modules, trace, cands)
     for u in units:

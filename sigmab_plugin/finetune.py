@@ -126,7 +126,8 @@ def _world() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0) -> Tuple[Iterable, int]:
+def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0,
+             augment: Optional[Callable] = None) -> Tuple[Iterable, int]:
     """This rank's training batches of one epoch and their number: in-memory ``(images, labels)``
     (every rank draws the same permutation and takes its share) or a loader (a ``DistributedSampler``
     in it is told the epoch)."""
@@ -139,7 +140,9 @@ def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0) ->
             for i in range(0, len(perm), cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
                 x = images[idx]
-                yield (augment_batch(x, gen, cfg.flip) if cfg.augment else x), labels[idx]
+                if cfg.augment:
+                    x = augment(x, gen) if augment is not None else augment_batch(x, gen, cfg.flip)
+                yield x, labels[idx]
         return it(), -(-len(perm) // cfg.batch_size)
     sampler = getattr(data, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -160,7 +163,8 @@ def _eval_batches(data, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable] = None,
              batch_size: int = 256, diagnostics: bool = False) -> Dict[str, object]:
-    """Top-1 with hard routing (``images, labels`` in memory, or ``images`` a loader of ``(x, y)``).
+    """Top-1 (and mean per-class top-1) with hard routing (``images, labels`` in memory, or ``images`` a
+    loader of ``(x, y)``).
 
     For a tree it also gives the leaf histogram; with ``diagnostics`` each leaf's top-1 on every
     input and on the inputs routed to it, the best single leaf, the oracle (a sample counts when
@@ -177,6 +181,7 @@ def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable
     leaf_all = torch.zeros(n_leaves, dtype=torch.long)
     leaf_routed = torch.zeros(n_leaves, dtype=torch.long)
     oracle = 0
+    per_class: Dict[int, list] = {}
     saved_mode = tree_state(model).mode if tree else None
     if tree:
         tree_state(model).mode = "hard"
@@ -184,8 +189,13 @@ def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable
         for xb, yb in _eval_batches(data, batch_size):
             x, y = norm(xb.to(device)), yb.to(device)
             pred = model(x).argmax(1)
-            correct += int((pred == y).sum())
+            right = pred == y
+            correct += int(right.sum())
             seen += len(y)
+            for c in y.unique().tolist():
+                tally = per_class.setdefault(c, [0, 0])
+                tally[0] += int(right[y == c].sum())
+                tally[1] += int((y == c).sum())
             if not tree:
                 continue
             leaves = tree_state(model).last_leaves
@@ -202,7 +212,8 @@ def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable
         model.train(was)
         if tree:
             tree_state(model).mode = saved_mode
-    result: Dict[str, object] = {"top1": correct / max(1, seen)}
+    result: Dict[str, object] = {"top1": correct / max(1, seen),
+                                 "mean_class_top1": sum(a / n for a, n in per_class.values()) / max(1, len(per_class))}
     if tree:
         result["leaf_histogram"] = hist.tolist()
     if tree and diagnostics:
@@ -218,7 +229,8 @@ def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable
 def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optional[Callable] = None,
              cfg: Optional[FinetuneConfig] = None, *, test=None, teacher: Optional[nn.Module] = None,
              out_dir=None, resume: bool = False, diagnostics: bool = False,
-             on_epoch: Optional[Callable[[dict], None]] = None) -> List[dict]:
+             on_epoch: Optional[Callable[[dict], None]] = None,
+             augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None) -> List[dict]:
     """Train ``model`` in place (its train/eval mode and routing settings are restored); returns the
     per-epoch log (also written to ``out_dir/log.jsonl``, with an atomic checkpoint per epoch).
 
@@ -226,7 +238,8 @@ def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optio
     ``DataLoader`` of ``(x, y)`` and ``train_labels=None``. ``normalize`` maps a batch to the model's
     input (default: identity). ``test``: ``(images, labels)`` or a loader, evaluated after each epoch.
     ``teacher``: the dense model, for distillation (``cfg.distill_weight``). ``on_epoch(row)`` is
-    called with each epoch's log row (e.g. to report to NNI or stop early by raising).
+    called with each epoch's log row (e.g. to report to NNI or stop early by raising). ``augment(x, gen)``
+    replaces the in-memory image augmentation (pad-4 crop and flip), e.g. point-cloud augmentation.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in
     ``DistributedDataParallel`` (unused leaves and routers allowed), every rank trains on its share of
@@ -242,7 +255,8 @@ def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optio
         _check_data(model, test, norm, "test data")
     snapshot = _Snapshot(model)
     try:
-        return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics, on_epoch)
+        return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics, on_epoch,
+                         augment)
     except BaseException:
         snapshot.restore(model)  # a failed or interrupted run leaves the model as it was
         raise
@@ -341,7 +355,7 @@ _RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
 
 
 def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics,
-              on_epoch):
+              on_epoch, augment):
     device = next(model.parameters()).device
     branched = is_branched(model)
     saved_routing = tree_state(model).settings() if branched else None
@@ -386,7 +400,7 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
     try:
         for epoch in range(start, cfg.epochs):
             row = _epoch(model, runner, data, norm, cfg, loss_cfg, epoch, schedule(epoch) if branched else None,
-                         opt, sched, scaler, teacher, device)
+                         opt, sched, scaler, teacher, device, augment)
             _sync_buffers(model, world)
             if test is not None:
                 ev = evaluate(model, *(test if isinstance(test, tuple) else (test,)), normalize=normalize,
@@ -426,7 +440,7 @@ def _barrier(world: int) -> None:
 
 
 def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig, epoch: int, temperature, opt,
-           sched, scaler, teacher, device) -> dict:
+           sched, scaler, teacher, device, augment=None) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout, loader shuffling; in-memory batches use gen
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -435,7 +449,7 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
         set_routing(model, "hard" if hard else "soft", temperature, top_k=cfg.top_k,
                     balance_rate=cfg.balance_rate, bn_weighting=cfg.bn_weighting)
     model.train()
-    batches, n_batches = _batches(data, cfg, gen, epoch)
+    batches, n_batches = _batches(data, cfg, gen, epoch, augment)
     batches = progress(batches, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}", n_batches or None)
     sums: Dict[str, float] = {}
     seen = correct = 0

@@ -27,8 +27,10 @@ from torch import nn
 ROUTING_MODES = ("hard", "soft", "auto")
 
 
-def pool_features(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample feature vector at a split point: average pool for images, max pool for point sets."""
+def pool_features(x) -> torch.Tensor:
+    """Per-sample feature vector at a split point: average pool for images, max pool for point sets
+    (a tuple between units, as in PointNet++, carries its features first)."""
+    x = feats(x)
     if x.ndim == 4:
         return x.mean(dim=(2, 3))
     if x.ndim == 3:
@@ -36,6 +38,34 @@ def pool_features(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 2:
         return x
     raise ValueError(f"cannot pool a split-point output of shape {tuple(x.shape)}; expected (B,C[,N|H,W])")
+
+
+def feats(x):
+    """The feature tensor of what flows between units: the tensor itself, or a tuple's first element
+    (e.g. PointNet++ ``(features, xyz, neighbour indices...)``; every element shares the batch dim 0)."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def rows(x, idx):
+    """Rows ``idx`` (a tensor of indices or a slice) of a tensor or of every element of a tuple."""
+    if isinstance(x, tuple):
+        return tuple(rows(t, idx) for t in x)
+    if idx is None:
+        return x
+    return x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+
+
+def cat_rows(parts: list):
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return torch.cat(parts)
+
+
+def put_rows(y, order: torch.Tensor):
+    """Rows of ``y`` placed at positions ``order`` (undoes grouping by node)."""
+    if isinstance(y, tuple):
+        return tuple(put_rows(t, order) for t in y)
+    return torch.empty_like(y).index_copy(0, order, y)
 
 
 class CosineRouter(nn.Module):
@@ -84,9 +114,9 @@ class NodeVariant(nn.Module):
         self.register_buffer("out_idx", out_idx)
         self.out_width = int(out_width)
 
-    def forward(self, x: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x, row_weight: Optional[torch.Tensor] = None):
         if self.in_idx is not None:
-            x = x.index_select(1, self.in_idx)
+            x = (x[0].index_select(1, self.in_idx),) + x[1:] if isinstance(x, tuple) else x.index_select(1, self.in_idx)
         if row_weight is not None:  # soft training with path-weighted BatchNorm statistics
             norms = [m for m in self.module.modules() if isinstance(m, PathBatchNorm)]
             for m in norms:
@@ -99,8 +129,9 @@ class NodeVariant(nn.Module):
         else:
             y = self.module(x)
         if self.out_idx is not None:
-            full = y.new_zeros((y.shape[0], self.out_width) + tuple(y.shape[2:]))
-            y = full.index_copy(1, self.out_idx, y)
+            f = feats(y)
+            full = f.new_zeros((f.shape[0], self.out_width) + tuple(f.shape[2:])).index_copy(1, self.out_idx, f)
+            y = (full,) + y[1:] if isinstance(y, tuple) else full
         return y
 
 
@@ -269,14 +300,15 @@ class RoutedModule(nn.Module):
                     "a soft-routed tree carries one row per (path, sample) between its units, so a partial "
                     "forward (forward_features, forward_intermediates, a unit called directly) has no "
                     "per-sample meaning: call the model itself, or set_routing(model, 'hard') (or eval()) first")
-            b = x.shape[0]
-            zeros = torch.zeros(b, dtype=torch.long, device=x.device)
-            state.ctx = _Context(b, soft, torch.arange(b, device=x.device), zeros,
-                                 x.new_ones(b, dtype=torch.float32) if soft else None,
+            f = feats(x)
+            b = f.shape[0]
+            zeros = torch.zeros(b, dtype=torch.long, device=f.device)
+            state.ctx = _Context(b, soft, torch.arange(b, device=f.device), zeros,
+                                 f.new_ones(b, dtype=torch.float32) if soft else None,
                                  [(0, None)] if not soft else None,
                                  None if state.in_forward else _caller())
         ctx = state.ctx
-        if ctx is None or ctx.sample.shape[0] != x.shape[0]:
+        if ctx is None or ctx.sample.shape[0] != feats(x).shape[0]:
             raise RuntimeError("a routed unit ran without the earlier units of the same forward (the routing of "
                                "its rows is decided there): run the model, or a prefix of its forward such as "
                                "forward_features, on this batch first")
@@ -294,16 +326,16 @@ class RoutedModule(nn.Module):
             state.ctx = None
             return self._finish(y, ctx)
         if ctx.caller is not None:
-            ctx.last_out = weakref.ref(y)
+            ctx.last_out = weakref.ref(feats(y))
         return y
 
     # ----- hard routing: rows stay in input order ------------------------------------------------
     def _route_hard(self, x, ctx: _Context, state: TreeState) -> None:
         node = torch.empty_like(ctx.node)
         for parent, idx in ctx.groups:
-            xs = x if idx is None else x.index_select(0, idx)
+            xs = rows(x, idx)
             if state.forced_leaves is not None:  # follow the given path (calibration, diagnostics)
-                leaf = state.forced_leaves.to(x.device)
+                leaf = state.forced_leaves.to(ctx.node.device)
                 leaf = leaf if idx is None else leaf.index_select(0, idx)
                 choice = (leaf >> (state.depth - self.level)) & 1
             else:
@@ -324,15 +356,14 @@ class RoutedModule(nn.Module):
             return self._run(n, x)
         if not ctx.groups:  # empty batch
             return self.variants[0](x)
-        parts = [self._run(n, x.index_select(0, idx)) for n, idx in ctx.groups]
-        y = torch.cat(parts)
-        return torch.empty_like(y).index_copy(0, torch.cat([idx for _, idx in ctx.groups]), y)
+        parts = [self._run(n, rows(x, idx)) for n, idx in ctx.groups]
+        return put_rows(cat_rows(parts), torch.cat([idx for _, idx in ctx.groups]))
 
     def _run(self, n: int, x: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._tree.node_loader is not None:
             self._tree.node_loader(self.level, n, self._tree.ctx)
         variant = self.variants[n]
-        if not (self.training and x.shape[0] == 1):
+        if not (self.training and feats(x).shape[0] == 1):
             return variant(x, row_weight)
         # a one-sample training sub-batch: batch statistics are undefined, so the node's norm layers
         # use their running statistics for this call
@@ -347,16 +378,16 @@ class RoutedModule(nn.Module):
 
     # ----- soft routing: one row per (path, sample), grouped by node ------------------------------
     def _route_soft(self, x, ctx: _Context, state: TreeState) -> torch.Tensor:
-        rows, nodes, samples, weights = [], [], [], []
+        parts, nodes, samples, weights = [], [], [], []
         for parent, idx in _soft_groups(ctx.node, len(self.routers)):
-            xs = x[idx]
+            xs = rows(x, idx)
             logits = self.routers[parent](xs)
             p = torch.softmax(logits / state.temperature, dim=1)
             if self.training and state.balance_rate > 0:
                 greedy = ctx.weight[idx] >= _max_per_sample(ctx.weight, ctx.sample, ctx.batch)[ctx.sample[idx]]
                 self.routers[parent].update_balance(logits[greedy].argmax(1), state.balance_rate)
             for c in (0, 1):
-                rows.append(xs)
+                parts.append(xs)
                 nodes.append(torch.full_like(ctx.node[idx], 2 * parent + c))
                 samples.append(ctx.sample[idx])
                 weights.append(ctx.weight[idx] * p[:, c])
@@ -366,13 +397,13 @@ class RoutedModule(nn.Module):
         if keep is not None:
             order = keep[order]
         ctx.node, ctx.sample, ctx.weight = node[order], sample[order], weight[order]
-        return torch.cat(rows)[order]
+        return rows(cat_rows(parts), order)
 
     def _run_soft(self, x: torch.Tensor, ctx: _Context, state: TreeState) -> torch.Tensor:
         groups = _soft_groups(ctx.node, len(self.variants))
         use_w = state.bn_weighting and self.training
-        outs = [self._run(n, x[idx], ctx.weight[idx] if use_w else None) for n, idx in groups]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        outs = [self._run(n, rows(x, idx), ctx.weight[idx] if use_w else None) for n, idx in groups]
+        return outs[0] if len(outs) == 1 else cat_rows(outs)
 
     def _finish(self, y: torch.Tensor, ctx: _Context) -> torch.Tensor:
         state = self._tree
@@ -410,6 +441,7 @@ def _check_continuation(ctx: _Context, x: torch.Tensor) -> None:
             return
         f = f.f_back
     last = ctx.last_out() if ctx.last_out is not None else None
+    x, last = feats(x), feats(last) if last is not None else None
     if last is not None and (x is last or (x.device == last.device and x.untyped_storage().data_ptr()
                                            == last.untyped_storage().data_ptr())):
         return
@@ -549,7 +581,8 @@ def forward_leaf(model: nn.Module, x: torch.Tensor, leaf: int) -> torch.Tensor:
     if isinstance(leaf, bool) or not isinstance(leaf, int) or not 0 <= leaf < n:
         raise ValueError(f"leaf={leaf!r} is not a leaf of this depth-{state.depth} tree: use 0..{n - 1}")
     saved = state.mode
-    state.mode, state.forced_leaves = "hard", torch.full((x.shape[0],), leaf, dtype=torch.long, device=x.device)
+    f = feats(x)
+    state.mode, state.forced_leaves = "hard", torch.full((f.shape[0],), leaf, dtype=torch.long, device=f.device)
     try:
         return model(x)
     finally:

@@ -18,17 +18,17 @@ from conftest import images, make_model
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _torchrun(out: Path, epochs: int) -> list:
+def _torchrun(out: Path, epochs: int, stop: int = 0) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out), str(epochs)]
+           str(out), str(epochs), str(stop)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_two_process_ddp_run_agrees_and_resumes(tmp_path):
-    ranks = _torchrun(tmp_path, 2)  # epoch 1 soft, epoch 2 hard (unused leaves on each rank)
+    ranks = _torchrun(tmp_path, 3, stop=2)  # interrupted after epoch 2; epochs 2-3 hard (unused leaves)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["epochs"] == [1, 2]
     log = (tmp_path / "log.jsonl").read_text().splitlines()
