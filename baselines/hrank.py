@@ -50,7 +50,7 @@ class HRankImportance(tp.importance.Importance):
             name = self.names.get(item.dep.layer)
             if name not in self.ranks or item.dep.pruning_fn != tp.pruner.function.prune_conv_out_channels:
                 continue
-            score.index_add_(0, torch.tensor(item.root_idxs), self.ranks[name][item.idxs])
+            score.index_add_(0, torch.tensor(item.root_idxs), self.ranks[name].cpu()[item.idxs].double())
             count += 1
         return None if count == 0 else (score / count).float()
 

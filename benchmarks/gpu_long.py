@@ -102,13 +102,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--deadline", type=float, default=420, help="seconds after which unfinished runs are stopped")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="256 training and 128 test images: the code path only")
+    ap.add_argument("--only", nargs="+", default=None, help="run only jobs whose name contains one of these")
     ap.add_argument("--out", default="runs/long_gpu")
     a = ap.parse_args(argv)
     t0 = time.time()
     from sigmab_plugin.baselines.data import load_dataset
     load_dataset("cifar10-jpeg", a.data_root)  # decode once into the cache before the processes start
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
-    todo = jobs(a.models, {m: a.epochs for m in a.models}, a)
+    todo = [j for j in jobs(a.models, {m: a.epochs for m in a.models}, a)
+            if not a.only or any(s in j["name"] for s in a.only)]
     status = run_pool(todo, a.workers, t0 + a.deadline, Path(a.out) / "logs")
     meta = {"machine": machine(), "seconds": time.time() - t0, "argv": argv or sys.argv[1:], "runs": status}
     Path(a.out, "gpu_long.json").write_text(json.dumps(meta, indent=1))
