@@ -7,9 +7,11 @@ random point in train mode; ball query takes the first ``nsample`` points inside
 with the first one). Shared MLPs are 1x1 convolutions with BatchNorm and ReLU, pooled by max.
 
 Two choices make the model prunable and branchable:
-* grouping concatenates the gathered **features before** the relative coordinates, so Torch-Pruning
-  maps a pruned feature channel to the right input column of the next MLP (with coordinates first it
-  drops the wrong columns silently: they carry no autograd history, so the concat offset is lost);
+* grouping concatenates the gathered **features before** the relative coordinates, so a pruned
+  feature channel's input column in the next MLP is its own index whatever the pruning library
+  infers about the coordinates (they carry no autograd history, so a concat offset computed from the
+  traced graph can miss them; reported for torch-pruning 1.6.1, not reproduced by our masked check on
+  a small network, where the coordinates-first gap was 1e-4 against 1e-8);
   ``load_public_checkpoint`` converts checkpoints of the coordinates-first layout;
 * sampling and grouping depend only on the coordinates, so ``grouping(xyz)`` computes every level's
   indices once per forward (before the first set-abstraction level, in the backbone), and each level
