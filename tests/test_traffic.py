@@ -4,7 +4,6 @@ that holds everything makes weight traffic zero."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import sigmab_plugin as sb
 from sigmab_plugin.routing import RoutedModule
