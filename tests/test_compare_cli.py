@@ -82,6 +82,10 @@ def test_recipe_flags_reach_the_config():
     assert cfg.coverage and cfg.resume
     default, _ = cli.parse(TINY)
     assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
+    assert default.device == ("cuda" if torch.cuda.is_available() else "cpu") and default.model_kwargs == {}
+    points, _ = cli.parse(TINY + ["--device", "meta", "--data", "modelnet40", "--model", "pointnet2_ssg",
+                                  "--width", "0.25"])
+    assert points.device == "meta" and points.model_kwargs == {"width": 0.25} and not points.finetune.flip
 
 
 @pytest.mark.parametrize("args,message", [

@@ -126,3 +126,23 @@ def test_plain_loop_with_public_pieces_equals_finetune():
             sched.step()
     a, b = ref.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_augment_callable_replaces_the_image_augmentation():
+    """finetune(augment=f) trains on f's batches (point clouds bring their own augmentation)."""
+    model = make_model("cifar_resnet_b")
+    x = (torch.rand(32, 3, 32, 32) * 255).to(torch.uint8)
+    y = torch.randint(0, 10, (32,))
+    seen = []
+
+    def augment(batch, gen):
+        seen.append(batch.shape[0])
+        return torch.zeros_like(batch)  # every training image blank
+
+    cfg = ft.FinetuneConfig(epochs=1, batch_size=16, progress=False, distill_weight=0.0)
+    ft.finetune(model, x, y, lambda b: b.float() / 255, cfg, augment=augment)
+    assert seen == [16, 16]
+    off = ft.FinetuneConfig(epochs=1, batch_size=16, progress=False, distill_weight=0.0, augment=False)
+    seen.clear()
+    ft.finetune(model, x, y, lambda b: b.float() / 255, off, augment=augment)
+    assert seen == []  # cfg.augment=False turns any augmentation off
