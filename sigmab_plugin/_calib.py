@@ -1,13 +1,18 @@
 """Calibration passes of SigmaB, streamed with bounded memory.
 
 Pass 1 records the pooled features at every split point (one row per sample: what the clustering
-needs). Pass 2 accumulates, per tree node, the sum over that node's samples of every conv/linear
-input's per-channel mean |activation|: memory is nodes x channels, whatever the number of samples,
-and each sample's node is decided on the fly by the routers, so shuffled loaders are fine.
+needs) and, while their total stays under ``PER_SAMPLE_STATS_BYTES``, every conv/linear input's
+per-channel mean |activation| per sample, so the per-node channel statistics follow from the
+clustering without running the model again. Past that bound (many samples, wide models) pass 2
+runs: it accumulates, per tree node, the sum over that node's samples of the same statistics, with
+memory nodes x channels whatever the number of samples; each sample's node is decided on the fly
+by the routers, so shuffled loaders are fine.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List, Sequence
+import copy
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +22,12 @@ from ._trace import PARAM_LAYERS
 from .routing import CosineRouter, pool_features
 
 
+
+class CalibDataError(ValueError):
+    """calib_data gave different data on two passes (a one-shot iterable)."""
+
+
+PER_SAMPLE_STATS_BYTES = 512 * 2 ** 20  # per-sample channel statistics kept from pass 1 (then pass 2 is skipped)
 
 def iter_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
     """Input batches of ``data``: a tensor (split into batches), or an iterable of tensors / (x, y, ...)."""
@@ -57,6 +68,14 @@ def check_batch(x: torch.Tensor, device: torch.device, where: str, dtype: torch.
         raise ValueError(f"calib_data contains non-finite values ({where}); clean the data")
 
 
+def check_second_pass(first: int, second: int) -> None:
+    if first != second:
+        raise CalibDataError(
+            f"calib_data gave {first} samples on its first pass and {second} on its second: calibration reads it "
+            "twice, so it must give the same data each time (a tensor, a list or a DataLoader; an iterable backed "
+            "by a generator can be read once only)")
+
+
 def _finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"non-finite activations at {where}: the model produces inf/NaN on the calibration "
@@ -73,9 +92,44 @@ def route_children(routers: List[CosineRouter], parent: torch.Tensor, out: torch
     return child
 
 
-def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, device) -> List[torch.Tensor]:
-    """Pass 1: pooled features at every split point, (N, C_l) float32 on the CPU."""
+def _channel_stat(mod: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """Per-sample, per-channel mean |x| of a conv/linear input: (batch, C_in)."""
+    x = x.detach()
+    s = x.abs().reshape(x.shape[0], -1, x.shape[-1]).mean(1) if isinstance(mod, nn.Linear) else x.abs().flatten(2).mean(2)
+    _finite(s, f"the input of {where!r}")
+    return s
+
+
+def _stat_layers(model: nn.Module, levels: Sequence[Sequence[str]]):
+    """(level, full module path, module) of every conv/linear inside the routed units."""
+    for l, units in enumerate(levels, start=1):
+        for u in units:
+            for name, m in model.get_submodule(u).named_modules():
+                if isinstance(m, PARAM_LAYERS):
+                    yield l, (f"{u}.{name}" if name else u), m
+
+
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample (sum, sum of squares) of a batch: tells whether a later pass sees the same samples."""
+    f = x.detach().flatten(1).double()
+    return torch.stack([f.sum(1), (f * f).sum(1)], 1).cpu()
+
+
+@dataclass
+class Pass1:
+    features: List[torch.Tensor]  # per split point, (N, C_l) pooled features (float32, CPU)
+    per_sample: Optional[Dict[tuple, torch.Tensor]]  # {(level, layer): (N, C_in)}, None past the memory bound
+    fingerprints: torch.Tensor  # (N, 2), see fingerprint()
+
+
+def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, device,
+                   levels: Sequence[Sequence[str]] = ()) -> Pass1:
+    """Pass 1: pooled features at every split point and the per-sample channel statistics of the
+    layers in ``levels`` (dropped once they outgrow ``PER_SAMPLE_STATS_BYTES``: then
+    :func:`channel_stats` computes them in a pass 2)."""
     store: Dict[str, List[torch.Tensor]] = {s: [] for s in split_points}
+    stats: Optional[Dict[tuple, List[torch.Tensor]]] = {}
+    size = 0
     handles = []
     for s in split_points:
         def hook(_m, _i, out, s=s):
@@ -83,16 +137,51 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
             _finite(f, f"split point {s!r}")
             store[s].append(f.cpu())
         handles.append(model.get_submodule(s).register_forward_hook(hook))
+
+    def stat_hook(mod, inp, key):
+        nonlocal stats, size
+        if stats is None:
+            return
+        st = _channel_stat(mod, inp[0], key[1]).float().cpu()
+        size += st.numel() * 4
+        if size > PER_SAMPLE_STATS_BYTES:
+            stats = None  # too many samples x channels to keep: pass 2 accumulates per node instead
+            return
+        stats.setdefault(key, []).append(st)
+    for l, full, m in _stat_layers(model, levels):
+        handles.append(m.register_forward_pre_hook(lambda mod, inp, key=(l, full): stat_hook(mod, inp, key)))
+    prints = []
     try:
         with torch.no_grad():
             for b, x in enumerate(progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
-                                            "sigmab calibrate 1/2 (features)")):
+                                            "sigmab calibrate (features, activations)")):
                 check_batch(x, device, f"batch {b}")
+                prints.append(fingerprint(x))
                 model(x)
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(store[s]) if store[s] else torch.zeros(0) for s in split_points]
+    return Pass1([torch.cat(store[s]) if store[s] else torch.zeros(0) for s in split_points],
+                 {k: torch.cat(v) for k, v in stats.items()} if stats is not None else None,
+                 torch.cat(prints) if prints else torch.zeros(0, 2, dtype=torch.float64))
+
+
+def leaf_paths(routers: List[List[CosineRouter]], features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Node id of every calibration sample at each level (0..depth), from pass 1's features (CPU)."""
+    node = [torch.zeros(features[0].shape[0], dtype=torch.long)]
+    for l, row in enumerate(routers):
+        node.append(route_children([copy.deepcopy(r).cpu() for r in row], node[l], features[l]))
+    return node
+
+
+def node_stats(per_sample: Dict[tuple, torch.Tensor], paths: List[torch.Tensor]):
+    """:func:`channel_stats`' sums and counts, from pass 1's per-sample statistics and the paths."""
+    depth = len(paths) - 1
+    sums: List[Dict[str, torch.Tensor]] = [dict() for _ in range(depth + 1)]
+    for (l, full), st in per_sample.items():
+        sums[l][full] = torch.zeros(2 ** l, st.shape[1], dtype=torch.float64).index_add_(0, paths[l], st.double())
+    counts = [torch.bincount(paths[l], minlength=2 ** l).double() for l in range(depth + 1)]
+    return sums, counts
 
 
 def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequence[Sequence[str]],
@@ -110,25 +199,16 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
             counts[l + 1].index_add_(0, child.cpu(), torch.ones(child.shape[0], dtype=torch.float64))
         handles.append(model.get_submodule(s).register_forward_hook(route_hook))
 
-    for l, units in enumerate(levels, start=1):
-        for u in units:
-            for name, m in model.get_submodule(u).named_modules():
-                if isinstance(m, PARAM_LAYERS):
-                    full = f"{u}.{name}" if name else u
-                    def stat_hook(mod, inp, l=l, full=full):
-                        x = inp[0].detach()
-                        if isinstance(mod, nn.Linear):
-                            s = x.abs().reshape(x.shape[0], -1, x.shape[-1]).mean(1)
-                        else:
-                            s = x.abs().flatten(2).mean(2)
-                        _finite(s, f"the input of {full!r}")
-                        acc = sums[l].setdefault(full, torch.zeros(2 ** l, s.shape[1], dtype=torch.float64))
-                        acc.index_add_(0, node[l].cpu(), s.double().cpu())
-                    handles.append(m.register_forward_pre_hook(stat_hook))
+    for l, full, m in _stat_layers(model, levels):
+        def stat_hook(mod, inp, l=l, full=full):
+            s = _channel_stat(mod, inp[0], full)
+            acc = sums[l].setdefault(full, torch.zeros(2 ** l, s.shape[1], dtype=torch.float64))
+            acc.index_add_(0, node[l].cpu(), s.double().cpu())
+        handles.append(m.register_forward_pre_hook(stat_hook))
     try:
         with torch.no_grad():
             for b, x in enumerate(progress(iter_inputs(data, cfg.calib_batch_size), cfg.progress,
-                                            "sigmab calibrate 2/2 (activations)")):
+                                            "sigmab calibrate 2/2 (activations per node)")):
                 node.clear()
                 node[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)
                 model(x)

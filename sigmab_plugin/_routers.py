@@ -47,24 +47,40 @@ def set_threshold(router: CosineRouter, feats: torch.Tensor, n0: int, tau: Optio
     return router(feats).argmax(1)
 
 
+class _Stop(Exception):
+    """Ends a calibration forward once what it was run for has been recorded."""
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except _Stop:
+        pass
+
+
 def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], routers: List[List[CosineRouter]],
-                  calib_data, cfg: BranchConfig, device) -> None:
+                  calib_data, cfg: BranchConfig, device, calib: Optional[_calib.Pass1] = None) -> None:
     """Refit the routers below the root on the features the pruned nodes really produce.
 
-    Each calibration batch runs through the dense model (its clustering gives every sample's path)
-    and then through the tree forced along that path; each router then becomes the cosine classifier
-    of its two children's mean pruned features, biased to the cluster sizes.
+    Every calibration sample follows its path in the dense clustering: taken from pass 1 (``calib``)
+    when the batch holds the samples pass 1 saw at that position (checked by their fingerprints, so
+    a shuffled loader stays right), else from a dense forward that stops at the last split point.
+    The tree runs forced along those paths up to its last router; each router then becomes the
+    cosine classifier of its two children's mean pruned features, biased to the cluster sizes.
     """
     depth = len(split_points)
     if depth < 2:
         return
     state = tree._sigmab_tree
     feats = {l: [] for l in range(1, depth)}  # level -> [(pooled features, parent node, target child)]
+    stored = _calib.leaf_paths(routers, calib.features) if calib is not None else None
     path = {}
     handles = []
     for l, s in enumerate(split_points):
         def dense_hook(_m, _i, out, l=l):
             path[l + 1] = _calib.route_children(routers[l], path[l], out)
+            if l + 1 == depth:
+                raise _Stop  # every path is known: the rest of the dense model is not needed
         handles.append(dense.get_submodule(s).register_forward_hook(dense_hook))
     for m in tree.modules():
         if isinstance(m, RoutedModule) and m.routers is not None and m.level >= 2:
@@ -72,21 +88,35 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
                 ctx, l = mod._tree.ctx, mod.level - 1
                 feats[l].append((pool_features(inp[0]).float().cpu(), ctx.node.cpu(),
                                  (path[l + 1][ctx.sample] & 1).cpu()))
+                if l == depth - 1:
+                    raise _Stop  # the last routers' inputs are recorded: the leaves need not run
             handles.append(m.register_forward_pre_hook(tree_hook))
+    start = 0
     try:
         state.mode = "hard"
         with torch.no_grad():
             for x in _calib.iter_inputs(calib_data, cfg.calib_batch_size):
+                b = x.shape[0]
                 path.clear()
-                path[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                dense(x)
+                rows = slice(start, start + b)
+                if stored is not None and start + b <= len(calib.fingerprints) \
+                        and torch.equal(_calib.fingerprint(x), calib.fingerprints[rows]):
+                    path.update({l: stored[l][rows].to(device) for l in range(1, depth + 1)})
+                else:
+                    path[0] = torch.zeros(b, dtype=torch.long, device=device)
+                    _run(dense, x)
                 state.forced_leaves = path[depth]
-                tree(x)
+                _run(tree, x)
+                state.ctx = None
+                start += b
     finally:
         state.forced_leaves = None
         state.mode = "auto"
+        state.ctx = None
         for h in handles:
             h.remove()
+    if calib is not None and start != len(calib.fingerprints):
+        _calib.check_second_pass(len(calib.fingerprints), start)
     for l in range(1, depth):
         f = torch.cat([t[0] for t in feats[l]])
         node, target = torch.cat([t[1] for t in feats[l]]), torch.cat([t[2] for t in feats[l]])

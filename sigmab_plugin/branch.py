@@ -19,6 +19,7 @@ from . import _calib, _split, _trace
 from ._assemble import build_tree, classifier_layers, first_consumers, swap_in
 from ._routers import grow_routers, refit_routers
 from .config import BranchConfig
+from ._calib import CalibDataError
 from .routing import RoutedModule, attach, detach, is_branched, set_routing
 
 SPEC_FORMAT = "sigmab-tree"
@@ -103,8 +104,8 @@ def _restore_flags(model: nn.Module, flags: Dict[str, bool]) -> None:
 
 
 def _branch(model, cfg: BranchConfig, calib_data, example, device, pruners=None) -> nn.Module:
-    spec, routers = plan_tree(model, cfg, calib_data, example, device, pruners)
-    return assemble(model, spec, routers, calib_data, cfg, example, device, pruners=pruners)
+    spec, routers, calib = plan_tree(model, cfg, calib_data, example, device, pruners)
+    return assemble(model, spec, routers, calib_data, cfg, example, device, pruners=pruners, calib=calib)
 
 
 def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=None):
@@ -127,7 +128,8 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
         raise ValueError(f"ignored_layers / keep_ratio_dict name {unknown}, which {type(model).__name__} does not "
                          f"have; use module paths from model.named_modules(), e.g. {units[:3]}")
 
-    features = _calib.split_features(model, split_points, calib_data, cfg, device)
+    calib = _calib.split_features(model, split_points, calib_data, cfg, device, levels)
+    features = calib.features
     n = features[0].shape[0]
     if n < cfg.min_leaf_samples * 2 ** cfg.depth:
         raise ValueError(f"calib_data has {n} samples; a depth-{cfg.depth} tree needs at least "
@@ -136,11 +138,12 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
     for row in routers:
         for r in row:
             r.to(device)
-    sums, counts = _calib.channel_stats(model, split_points, levels, routers, calib_data, cfg, device)
-    if int(counts[1].sum()) != n:
-        raise ValueError(f"calib_data gave {n} samples on its first pass and {int(counts[1].sum())} on its second: "
-                         "calibration reads it twice, so it must give the same data each time (a tensor, a list or "
-                         "a DataLoader; an iterable backed by a generator can be read once only)")
+    if calib.per_sample is not None:  # the usual case: no second pass over the data
+        sums, counts = _calib.node_stats(calib.per_sample, _calib.leaf_paths(routers, features))
+        calib.per_sample = None
+    else:
+        sums, counts = _calib.channel_stats(model, split_points, levels, routers, calib_data, cfg, device)
+        _calib.check_second_pass(n, int(counts[1].sum()))
 
     probe = copy.deepcopy(model)
     infos = _split.describe_groups(probe, _split.build_graph(probe, example, pruners), unit_level, classifier)
@@ -167,11 +170,11 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
         "input_shape": list(example.shape[1:]), "dense_params": sum(p.numel() for p in model.parameters()),
         "plan": plans, "calibration": {"samples": n, "shares": shares},
     }
-    return spec, routers
+    return spec, routers, calib
 
 
 def assemble(model, spec: dict, routers, calib_data, cfg: BranchConfig, example, device, nodes=None,
-             pruners=None) -> nn.Module:
+             pruners=None, calib: Optional[_calib.Pass1] = None) -> nn.Module:
     """Build the tree of ``spec`` (``nodes``: node copies already pruned), swap it into ``model``, refit
     the routers below the root and check a forward; on any failure ``model`` is put back as it was."""
     dense = copy.deepcopy(model)
@@ -180,11 +183,13 @@ def assemble(model, spec: dict, routers, calib_data, cfg: BranchConfig, example,
     originals = swap_in(model, routed)
     try:
         attach(model, state)
-        refit_routers(model, dense, split_points, routers, calib_data, cfg, device)
+        refit_routers(model, dense, split_points, routers, calib_data, cfg, device, calib)
         _check_forward(model, example)
     except Exception as err:
         swap_in(model, originals)
         detach(model)
+        if isinstance(err, CalibDataError):
+            raise
         raise ValueError(f"the branched {type(model).__name__} failed its check forward ({err}); the model was "
                          "left as it was: choose other split_points, or report the architecture") from err
     return model

@@ -145,11 +145,11 @@ class SigmaBPruner:
         flags = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            spec, routers = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
+            spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
                                       self.pruners)
             nodes = build_nodes(spec, routers)
             assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners)
+                     self.pruners, calib)
         finally:
             _restore_flags(self.model, flags)
 
@@ -157,7 +157,7 @@ class SigmaBPruner:
         flags = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            spec, routers = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
+            spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
                                       self.pruners)
             levels = spec["levels"]
             unit_level = {u: l for l, lv in enumerate(levels, start=1) for u in lv}
@@ -176,7 +176,7 @@ class SigmaBPruner:
                             _drop(spec["plan"], group_key, l, j, len(levels))  # left unpruned by the user
                     nodes[key] = (_split.finish_node(copy_, frozen, units), infos)
             assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners)
+                     self.pruners, calib)
         finally:
             _restore_flags(self.model, flags)
 
