@@ -45,10 +45,13 @@ VARIANTS = {
     "bal2_nocover": ("sigmab", {"coverage": False}, dict(balance_weight=2.0), True),
     "nocover_w_bal2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, distill_paths="weighted"), True),
     "nocover_top2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, top_k=2), True),
-    # where the tree splits: the routers read later, more semantic features (a linear probe of the dense
-    # ResNet-20's pooled layer1 / layer2 / layer3.1 outputs predicts the class at 43 / 58 / 88 % (layer3, measured on 5,000 held-out images))
-    "split_l2_l31": ("sigmab", {"coverage": False, "split_points": ["layer2", "layer3.1"]}, dict(balance_weight=2.0), True),
-    "split_l1_l31": ("sigmab", {"coverage": False, "split_points": ["layer1", "layer3.1"]}, dict(balance_weight=2.0), True),
+    # where the tree splits: later routers read more semantic features (linear probes of the dense
+    # ResNet-20's pooled layer1 / layer2 / layer3 outputs predict the class at 43 / 58 / 88 %:
+    # benchmarks/probe_split_features.py)
+    "split_l2_l31": ("sigmab", {"coverage": False, "split_points": ["layer2", "layer3.1"]},
+                     dict(balance_weight=2.0), True),
+    "split_l1_l31": ("sigmab", {"coverage": False, "split_points": ["layer1", "layer3.1"]},
+                     dict(balance_weight=2.0), True),
     "d1_l2": ("sigmab", {"coverage": False, "depth": 1, "split_points": ["layer2"]}, dict(balance_weight=2.0), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),

@@ -3,9 +3,9 @@
 Every (model, active fraction, seed, method) of the comparison runs as its own
 ``examples/compare_baselines.py`` process with the same settings as the CPU script (CIFAR-10 JPEG set,
 pretrained CIFAR ResNet-20/56 option A, full 50,000-image training set, batch 64, lr 0.01, the same
-epochs and distillation for every method, all 10,000 test images), many processes at once: these
-small networks leave a large GPU idle between kernel launches, so one process per run is what fills
-it. Runs are started longest first; any still going at the deadline is stopped and listed as
+epochs and distillation for every method, all 10,000 test images), a few processes at once: these
+small networks leave a large GPU idle between kernel launches, so one process per run fills it (but
+16 at once contended for the CPU and ran 3-8x slower per epoch; 4 is the default). Runs are started longest first; any still going at the deadline is stopped and listed as
 unfinished (its per-epoch log stays). Then ``benchmarks.report_long`` writes the report.
 
     python -m benchmarks.gpu_long --data-root DIR --weights DIR --out runs/long_gpu [--epochs 4]
@@ -46,6 +46,11 @@ def jobs(models, epochs: dict, a) -> list:
                     cmd += ["--train-limit", "256", "--test-limit", "128"]
                 out.append({"name": name, "cmd": cmd, "cost": COST[method] * (3 if model == "resnet56" else 1)})
     return sorted(out, key=lambda j: -j["cost"])
+
+
+def select(todo: list, only) -> list:
+    """The jobs whose name contains one of ``only`` (all when ``only`` is empty or None)."""
+    return [j for j in todo if not only or any(s in j["name"] for s in only)]
 
 
 def run_pool(todo: list, workers: int, deadline: float, logs: Path) -> list:
@@ -98,7 +103,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", required=True, help="folder holding the CIFAR ResNet checkpoints")
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"], choices=sorted(CKPT))
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=4,
+                    help="processes at once (on an H200, 16 ran 3-8x slower per epoch than one; 4 ran well)")
     ap.add_argument("--deadline", type=float, default=420, help="seconds after which unfinished runs are stopped")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="256 training and 128 test images: the code path only")
@@ -109,8 +115,7 @@ def main(argv=None) -> dict:
     from sigmab_plugin.baselines.data import load_dataset
     load_dataset("cifar10-jpeg", a.data_root)  # decode once into the cache before the processes start
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
-    todo = [j for j in jobs(a.models, {m: a.epochs for m in a.models}, a)
-            if not a.only or any(s in j["name"] for s in a.only)]
+    todo = select(jobs(a.models, {m: a.epochs for m in a.models}, a), a.only)
     status = run_pool(todo, a.workers, t0 + a.deadline, Path(a.out) / "logs")
     meta = {"machine": machine(), "seconds": time.time() - t0, "argv": argv or sys.argv[1:], "runs": status}
     Path(a.out, "gpu_long.json").write_text(json.dumps(meta, indent=1))

@@ -42,6 +42,14 @@ def iter_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
         yield x
 
 
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D CPU batch in channels-last memory order: the same values, and oneDNN's convolutions run
+    1.4-1.5x faster on it (timm ResNet-50, 64 x 112 px, 2 threads); other batches as they are."""
+    if x.ndim == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def check_calib_data(data) -> None:
     if isinstance(data, torch.Tensor):
         if data.ndim < 2:
@@ -95,7 +103,10 @@ def route_children(routers: List[CosineRouter], parent: torch.Tensor, out: torch
 def _channel_stat(mod: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
     """Per-sample, per-channel mean |x| of a conv/linear input: (batch, C_in)."""
     x = x.detach()
-    s = x.abs().reshape(x.shape[0], -1, x.shape[-1]).mean(1) if isinstance(mod, nn.Linear) else x.abs().flatten(2).mean(2)
+    if isinstance(mod, nn.Linear):
+        s = x.abs().reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+    else:
+        s = x.abs().flatten(2).mean(2)
     _finite(s, f"the input of {where!r}")
     return s
 
@@ -157,7 +168,7 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
                                             "sigmab calibrate (features, activations)")):
                 check_batch(x, device, f"batch {b}")
                 prints.append(fingerprint(x))
-                model(x)
+                model(fast_layout(x))
     finally:
         for h in handles:
             h.remove()
@@ -211,7 +222,7 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
                                             "sigmab calibrate 2/2 (activations per node)")):
                 node.clear()
                 node[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                model(x)
+                model(fast_layout(x))
     finally:
         for h in handles:
             h.remove()

@@ -104,9 +104,9 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
                     path.update({l: stored[l][rows].to(device) for l in range(1, depth + 1)})
                 else:
                     path[0] = torch.zeros(b, dtype=torch.long, device=device)
-                    _run(dense, x)
+                    _run(dense, _calib.fast_layout(x))
                 state.forced_leaves = path[depth]
-                _run(tree, x)
+                _run(tree, _calib.fast_layout(x))
                 state.ctx = None
                 start += b
     finally:
