@@ -13,6 +13,7 @@ a rerun skips what is done (resume after an interruption), and ``--report`` writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -53,10 +54,51 @@ VARIANTS = {
     "split_l1_l31": ("sigmab", {"coverage": False, "split_points": ["layer1", "layer3.1"]},
                      dict(balance_weight=2.0), True),
     "d1_l2": ("sigmab", {"coverage": False, "depth": 1, "split_points": ["layer2"]}, dict(balance_weight=2.0), True),
+    # class-grouped routing: each class is given a leaf (a balanced assignment that agrees most with
+    # the calibrated tree's own routing of the training images), and the leaf probabilities get a
+    # cross-entropy towards the label's leaf with this weight, so leaves specialise on class groups
+    "class_routes1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, route_weight=1.0), True),
+    "class_routes_w": ("sigmab", {"coverage": False},
+                       dict(balance_weight=2.0, route_weight=1.0, distill_paths="weighted"), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "hrank_kd": ("hrank", {}, {}, True),
 }
+
+
+def class_leaves(tree, images, labels, normalize, num_classes: int) -> torch.Tensor:
+    """Leaf of every class: a balanced assignment (at most ceil(classes / leaves) per leaf) that
+    maximises how many training images the calibrated tree already routes to their class's leaf."""
+    from scipy.optimize import linear_sum_assignment
+    leaves = torch.cat([sb.route(tree, normalize(images[i:i + 500])) for i in range(0, len(labels), 500)])
+    n_leaves = 2 ** len(sb.tree_state(tree).spec["levels"])
+    counts = torch.zeros(num_classes, n_leaves).index_put_((labels, leaves), torch.ones(len(labels)), accumulate=True)
+    slots = -(-num_classes // n_leaves)
+    rows, cols = linear_sum_assignment(-counts.repeat_interleave(slots, 1).numpy())
+    out = torch.empty(num_classes, dtype=torch.long)
+    out[torch.as_tensor(rows)] = torch.as_tensor(cols) // slots
+    return out
+
+
+@contextlib.contextmanager
+def route_loss(weight: float, leaf_of_class: torch.Tensor):
+    """Adds ``weight * CE(leaf probabilities, leaf of the label)`` to the training loss of a tree."""
+    import sigmab_plugin.finetune as ft
+    base = ft.training_loss
+
+    def loss(model, logits, target, **kw):
+        total, parts = base(model, logits, target, **kw)
+        probs = sb.tree_state(model).last_leaf_probs
+        if probs is not None and probs.shape[0] == target.shape[0]:
+            r = -probs.clamp_min(1e-8).log().gather(1, leaf_of_class.to(target.device)[target][:, None]).mean()
+            total = total + weight * r
+            parts["route"] = float(r.detach())
+        return total, parts
+    ft.training_loss = loss
+    try:
+        yield
+    finally:
+        ft.training_loss = base
 
 
 def parse(argv=None):
@@ -117,15 +159,24 @@ def main(argv=None) -> None:
         else:
             run = RunContext(dense, calib, budget, opts, classifier_name(dense), a.seed)
             model = get_method(method).prepare(run)
+        ftopts = dict(ftopts)
+        route_weight = ftopts.pop("route_weight", 0.0)
         cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                                        progress=False, distill_weight=1.0 if distill else 0.0), **ftopts})
         teacher = copy.deepcopy(dense).requires_grad_(False) if distill else None
         t0 = time.perf_counter()
-        hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True)
+        extra, leaf_of_class = contextlib.nullcontext(), None
+        if route_weight:
+            leaf_of_class = class_leaves(model, *train, data.normalize, data.num_classes)
+            print(f"{name}: leaf of each class {leaf_of_class.tolist()}", flush=True)
+            extra = route_loss(route_weight, leaf_of_class)
+        with extra:
+            hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True)
         ev = evaluate(model, *val, data.normalize, diagnostics=sb.is_branched(model))
         params = sb.param_report(model)["active_params_max"] if sb.is_branched(model) else \
             sum(p.numel() for p in model.parameters())
         row = {"method": method, "branch": bopts, "finetune": cfg.to_dict(), "distilled": distill,
+               "route_weight": route_weight, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
                "keep_ratio": keep if method == "sigmab" else None,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),

@@ -1,11 +1,13 @@
 """`branch()`: restructure a pretrained CNN into a Sigma-Branch (SigmaB) tree, in place.
 
-Steps (DESIGN.md "The method"): find split points and the routed units; calibrate (pass 1: pooled
-split-point features); cluster each node's samples with spherical k-means into two children and
-initialise its cosine router from the centroids; calibrate (pass 2: per-node channel activity);
+Steps (DESIGN.md "The method"): find split points and the routed units; calibrate (one pass: pooled
+split-point features and each sample's channel activity); cluster each node's samples with spherical
+k-means into two children and initialise its cosine router from the centroids; sum the channel
+activity per node (a second pass only when the per-sample statistics outgrow their memory bound);
 allocate each node's keep-set per coupled group; prune a deep copy per node through Torch-Pruning's
-DependencyGraph; swap routed modules in. Nothing touches ``model`` until every node is built, and a
-failed final check puts the original modules back.
+DependencyGraph; swap routed modules in; refit the routers below the root on the pruned nodes'
+features. Nothing touches ``model`` until every node is built, and a failed final check puts the
+original modules back.
 """
 from __future__ import annotations
 
