@@ -67,12 +67,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 112, 224])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--depths", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--residual", choices=["both", "no", "yes"], default="both", help="prune_residual settings")
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="branch(round_to=...): kept channel counts multiples of this (written to *_round<N>.*)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the saved JSON")
     args = ap.parse_args(argv)
+    stem = "branch_resnet50" + (f"_round{args.round_to}" if args.round_to != 1 else "")
     if args.report_only:
-        results = json.loads((Path(args.out) / "branch_resnet50.json").read_text())
-        (Path(args.out) / "branch_resnet50.md").write_text(report(results))
+        results = json.loads((Path(args.out) / f"{stem}.json").read_text())
+        (Path(args.out) / f"{stem}.md").write_text(report(results))
         return results
     torch.manual_seed(0)
     data = load_dataset("imagenette-112", limit=args.images)
@@ -83,7 +87,8 @@ def main(argv=None) -> dict:
                "machine": machine(), "model": "timm resnet50, num_classes=10, default init",
                "calibration": f"{len(calib)} Imagenette-112 train images", "trees": []}
     trees = {}
-    configs = [(keep, residual, 2) for keep in args.keep for residual in (False, True)]
+    residuals = {"both": (False, True), "no": (False,), "yes": (True,)}[args.residual]
+    configs = [(keep, residual, 2) for keep in args.keep for residual in residuals]
     configs += [(min(args.keep), False, d) for d in args.depths if d != 2]
     for keep, residual, depth in configs:
             model = copy.deepcopy(dense)
@@ -92,7 +97,7 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             with peak:
                 sb.branch(model, depth=depth, calib_data=calib, keep_ratio=keep, prune_residual=residual,
-                          progress=False)
+                          round_to=args.round_to, progress=False)
             seconds = time.perf_counter() - t
             rep = sb.param_report(model)
             x1 = calib[:1]
@@ -102,7 +107,7 @@ def main(argv=None) -> dict:
                 i = int(torch.nonzero(leaves == leaf)[0])
                 leaf_macs.append(path_macs(model, calib[i:i + 1]))
             mac_fraction = max(leaf_macs) / count_macs(dense, x1)
-            row = {"keep_ratio": keep, "prune_residual": residual, "depth": depth,
+            row = {"keep_ratio": keep, "prune_residual": residual, "depth": depth, "round_to": args.round_to,
                    "branch_seconds": round(seconds, 2), "branch_peak_rss_growth_mb": round(peak.mb - rss0, 1),
                    "dense_params": dense_params, "total_params": rep["total_params"],
                    "active_params_max": rep["active_params_max"], "active_fraction_max": rep["active_fraction_max"],
@@ -142,8 +147,8 @@ def main(argv=None) -> dict:
     results["goal_branch_under_30s"] = all(r["branch_seconds"] <= 30 for r in results["trees"] if r["depth"] == 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "branch_resnet50.json").write_text(json.dumps(results, indent=1))
-    (out / "branch_resnet50.md").write_text(report(results))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(report(results))
     return results
 
 
@@ -152,7 +157,8 @@ def report(r: dict) -> str:
     lines = [f"# branch() on ResNet-50: {m['date']}", "",
              f"Command: `{r['command']}` (commit {m['commit']})", "",
              f"Machine: {m['cpu']}, {m['threads']} torch threads, GPU: {m['gpu']}, torch {m['torch']}", "",
-             f"Model: {r['model']}; calibration: {r['calibration']}.", "",
+             f"Model: {r['model']}; calibration: {r['calibration']}; "
+             f"round_to={r['trees'][0].get('round_to', 1) if r['trees'] else 1}.", "",
              "| keep | residual | depth | branch s | peak RSS growth MB | stored/dense | active fraction | MAC fraction |",
              "|---|---|---|---|---|---|---|---|"]
     for t in r["trees"]:
