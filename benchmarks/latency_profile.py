@@ -1,0 +1,121 @@
+"""Where batch-1 CPU latency goes: dense ResNet-50 against its routed tree and an exported path.
+
+The latency goals of issue 11 compare the tree's batch-1 time with its MAC fraction. MACs count
+only convolutions and the classifier, so this profiles (torch.profiler, self CPU time per operator,
+2 threads) dense, the hard-routed tree and ``export_path`` for the routed leaf, and sums the time
+per kind of operator: convolution, BatchNorm, elementwise (ReLU, add), routing and copies (index,
+gather/scatter, cat), pooling and linear, and the rest. Writes
+``<out>/latency_profile.{json,md}``.
+
+    python -m benchmarks.latency_profile [--sizes 112 224] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sigmab_plugin as sb
+from benchmarks.common import count_macs, machine
+from sigmab_plugin.baselines.data import load_dataset
+
+KINDS = [("conv", ("conv",)), ("batch_norm", ("batch_norm",)), ("elementwise", ("relu", "add", "mul", "clamp")),
+         ("routing/copies", ("index", "gather", "scatter", "cat", "copy", "contiguous", "clone", "empty", "zeros",
+                             "new_", "argmax", "where", "nonzero", "unique", "sort", "masked", "stack", "sum",
+                             "select", "slice", "_to_copy", "to", "expand")),
+         ("pool/linear", ("pool", "mean", "linear", "addmm", "mm"))]
+
+
+def kind(op: str) -> str:
+    name = op.split("::")[-1]
+    for k, keys in KINDS:
+        if any(name.startswith(key) or key in name for key in keys):
+            return k
+    return "other"
+
+
+def profile_ms(fn, runs: int) -> dict:
+    """Self CPU milliseconds per run, summed by kind of operator (leaf aten ops only)."""
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                fn()
+    out = defaultdict(float)
+    for e in prof.key_averages():
+        if e.key.startswith("aten::"):
+            out[kind(e.key)] += e.self_cpu_time_total / 1000 / runs
+    total = sum(out.values())
+    return {"total": total, **dict(out)}
+
+
+def main(argv=None) -> dict:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
+    ap.add_argument("--images", type=int, default=256, help="calibration images (Imagenette-112)")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    data = load_dataset("imagenette-112", limit=a.images)
+    calib = data.normalize(data.train.images)
+    dense = timm.create_model("resnet50", num_classes=10).eval()
+    rows = []
+    for residual in (False, True):
+        tree = sb.branch(copy.deepcopy(dense), depth=2, calib_data=calib, keep_ratio=0.5, prune_residual=residual,
+                         progress=False).eval()
+        for size in a.sizes:
+            x1 = torch.nn.functional.interpolate(calib[:1], size=size, mode="bilinear")
+            leaf = int(sb.route(tree, x1)[0])
+            path = sb.export_path(tree, leaf).eval()
+            macs = count_macs(path, x1) / count_macs(dense, x1)
+            prof = {name: profile_ms(fn, a.runs) for name, fn in
+                    (("dense", lambda: dense(x1)), ("tree", lambda: tree(x1)), ("path", lambda: path(x1)))}
+            row = {"prune_residual": residual, "size": size, "mac_fraction": macs, "ms": prof}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    result = {"command": "python -m benchmarks.latency_profile " + " ".join(argv or sys.argv[1:]),
+              "machine": machine(), "rows": rows}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency_profile.json").write_text(json.dumps(result, indent=1))
+    (out / "latency_profile.md").write_text(report(result))
+    return result
+
+
+def report(r: dict) -> str:
+    m = r["machine"]
+    kinds = [k for k, _ in KINDS] + ["other"]
+    lines = ["# Batch-1 CPU latency by kind of operator: timm ResNet-50, keep 0.5, depth 2", "",
+             f"Command: `{r['command'].strip()}`; commit {m['commit']}, {m['cpu']} ({m['threads']} threads), "
+             f"{m['date']}.", "",
+             "Self CPU time of the leaf aten operators under torch.profiler, ms per inference (the profiler adds "
+             "its own overhead, so totals exceed the unprofiled latency). 'ratio' is the model's time for that "
+             "kind over dense's; the MAC fraction counts convolutions and the classifier only. The three models "
+             "are profiled one after another, not interleaved, so ratios move by about 0.1 between runs: "
+             "`branch_resnet50.md` has the interleaved latency ratios; this table says where the time goes.", "",
+             "| residual | px | MAC frac | model | total ms (ratio) | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(kinds)]
+    for row in r["rows"]:
+        d = row["ms"]["dense"]
+        for name, p in row["ms"].items():
+            cells = [f"{p.get(k, 0):.2f}" + (f" ({p.get(k, 0) / d[k]:.2f})" if name != "dense" and d.get(k) else "")
+                     for k in kinds]
+            lines.append(f"| {row['prune_residual']} | {row['size']} | {row['mac_fraction']:.3f} | {name} | "
+                         f"{p['total']:.2f}" + (f" ({p['total'] / d['total']:.2f})" if name != "dense" else "")
+                         + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The class-grouped routing experiment of benchmarks/ablate_recipe.py: a balanced class->leaf
+assignment, and a route loss that reaches training and is removed afterwards."""
+import torch
+
+import sigmab_plugin as sb
+import sigmab_plugin.finetune as ft
+from benchmarks.ablate_recipe import class_leaves, route_loss
+
+from conftest import images, make_model
+
+
+def _tree():
+    model = make_model("cifar_resnet_a").eval()
+    return sb.branch(model, depth=2, calib_data=images(64, seed=1), keep_ratio=0.5, progress=False)
+
+
+def test_class_leaves_is_a_balanced_assignment():
+    tree = _tree()
+    x = (images(120, seed=2) * 40 + 128).clamp(0, 255).to(torch.uint8)
+    y = torch.arange(120) % 10
+    leaf = class_leaves(tree, x, y, lambda t: t.float() / 255, 10)
+    assert leaf.shape == (10,) and int(leaf.min()) >= 0 and int(leaf.max()) <= 3
+    assert torch.bincount(leaf, minlength=4).max() <= 3  # ceil(10 classes / 4 leaves)
+
+
+def test_route_loss_is_added_and_removed():
+    tree = _tree().train()
+    sb.set_routing(tree, "soft")
+    x, y = images(8, seed=3), torch.arange(8) % 10
+    leaf = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    base = ft.training_loss
+    with route_loss(2.0, leaf):
+        assert ft.training_loss is not base
+        out = tree(x)
+        loss, parts = ft.training_loss(tree, out, y)
+    assert ft.training_loss is base
+    plain, _ = base(tree, out, y)
+    probs = sb.tree_state(tree).last_leaf_probs
+    expected = -probs.log().gather(1, leaf[y][:, None]).mean()
+    torch.testing.assert_close(loss, plain + 2.0 * expected)
+    assert parts["route"] > 0
