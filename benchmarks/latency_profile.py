@@ -2,7 +2,7 @@
 
 The latency goals of issue 11 compare the tree's batch-1 time with its MAC fraction. MACs count
 only convolutions and the classifier, so this profiles (torch.profiler, self CPU time per operator,
-2 threads) dense, the hard-routed tree and ``export_path`` for the routed leaf, and sums the time
+2 threads, interleaved rounds) dense, the hard-routed tree and ``export_path`` for the routed leaf, and sums the time
 per kind of operator: convolution, BatchNorm, elementwise (ReLU, add), routing and copies (index,
 gather/scatter, cat), pooling and linear, and the rest. Writes
 ``<out>/latency_profile.{json,md}``.
@@ -42,20 +42,24 @@ def kind(op: str) -> str:
     return "other"
 
 
-def profile_ms(fn, runs: int) -> dict:
-    """Self CPU milliseconds per run, summed by kind of operator (leaf aten ops only)."""
+def profile_ms(fns: dict, runs: int, rounds: int = 5) -> dict:
+    """Self CPU milliseconds per run of each model, summed by kind of operator (aten ops), profiled
+    in ``rounds`` interleaved rounds of ``runs / rounds`` calls so drift of the machine hits all alike."""
+    sums = {name: defaultdict(float) for name in fns}
+    per = max(1, runs // rounds)
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(runs):
+        for fn in fns.values():
+            for _ in range(3):
                 fn()
-    out = defaultdict(float)
-    for e in prof.key_averages():
-        if e.key.startswith("aten::"):
-            out[kind(e.key)] += e.self_cpu_time_total / 1000 / runs
-    total = sum(out.values())
-    return {"total": total, **dict(out)}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(per):
+                        fn()
+                for e in prof.key_averages():
+                    if e.key.startswith("aten::"):
+                        sums[name][kind(e.key)] += e.self_cpu_time_total / 1000 / (per * rounds)
+    return {name: {"total": sum(s.values()), **dict(s)} for name, s in sums.items()}
 
 
 def main(argv=None) -> dict:
@@ -79,8 +83,8 @@ def main(argv=None) -> dict:
             leaf = int(sb.route(tree, x1)[0])
             path = sb.export_path(tree, leaf).eval()
             macs = count_macs(path, x1) / count_macs(dense, x1)
-            prof = {name: profile_ms(fn, a.runs) for name, fn in
-                    (("dense", lambda: dense(x1)), ("tree", lambda: tree(x1)), ("path", lambda: path(x1)))}
+            prof = profile_ms({"dense": lambda: dense(x1), "tree": lambda: tree(x1), "path": lambda: path(x1)},
+                              a.runs)
             row = {"prune_residual": residual, "size": size, "mac_fraction": macs, "ms": prof}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -102,8 +106,8 @@ def report(r: dict) -> str:
              "Self CPU time of the leaf aten operators under torch.profiler, ms per inference (the profiler adds "
              "its own overhead, so totals exceed the unprofiled latency). 'ratio' is the model's time for that "
              "kind over dense's; the MAC fraction counts convolutions and the classifier only. The three models "
-             "are profiled one after another, not interleaved, so ratios move by about 0.1 between runs: "
-             "`branch_resnet50.md` has the interleaved latency ratios; this table says where the time goes.", "",
+             "are profiled in 5 interleaved rounds; ratios still move by a few hundredths between runs of the "
+             "script (`branch_resnet50.md` has the latency ratios; this table says where the time goes).", "",
              "| residual | px | MAC frac | model | total ms (ratio) | " + " | ".join(kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(kinds)]
     for row in r["rows"]:
