@@ -27,17 +27,24 @@ import sigmab_plugin as sb
 from benchmarks.common import count_macs, machine
 from sigmab_plugin.baselines.data import load_dataset
 
-KINDS = [("conv", ("conv",)), ("batch_norm", ("batch_norm",)), ("elementwise", ("relu", "add", "mul", "clamp")),
-         ("routing/copies", ("index", "gather", "scatter", "cat", "copy", "contiguous", "clone", "empty", "zeros",
-                             "new_", "argmax", "where", "nonzero", "unique", "sort", "masked", "stack", "sum",
-                             "select", "slice", "_to_copy", "to", "expand")),
-         ("pool/linear", ("pool", "mean", "linear", "addmm", "mm"))]
+KINDS = [  # (kind, exact aten names without a trailing "_", name prefixes), tried in this order
+    ("conv", (), ("conv", "mkldnn_convolution", "_convolution", "_nnpack")),
+    ("batch_norm", (), ("batch_norm", "native_batch_norm", "_native_batch_norm")),
+    ("pool/linear", ("addmm", "mm", "linear", "matmul", "mean", "flatten"), ("adaptive_", "avg_pool", "max_pool")),
+    ("elementwise", ("relu", "add", "mul", "clamp", "hardtanh", "silu", "sigmoid", "div", "sub"), ()),
+    ("routing/copies", ("cat", "copy", "contiguous", "clone", "empty", "empty_like", "empty_strided", "zeros",
+                        "zeros_like", "new_zeros", "new_empty", "argmax", "where", "nonzero", "unique", "sort",
+                        "stack", "sum", "select", "slice", "_to_copy", "to", "expand", "gather", "scatter",
+                        "index_put", "masked_fill", "bincount", "arange", "full", "ones", "eq", "ge", "lt"),
+     ("index", "_unique", "masked_", "scatter_", "gather")),
+]
 
 
 def kind(op: str) -> str:
     name = op.split("::")[-1]
-    for k, keys in KINDS:
-        if any(name.startswith(key) or key in name for key in keys):
+    bare = name.rstrip("_")
+    for k, names, prefixes in KINDS:
+        if bare in names or name.startswith(prefixes):
             return k
     return "other"
 
@@ -46,6 +53,7 @@ def profile_ms(fns: dict, runs: int, rounds: int = 5) -> dict:
     """Self CPU milliseconds per run of each model, summed by kind of operator (aten ops), profiled
     in ``rounds`` interleaved rounds of ``runs / rounds`` calls so drift of the machine hits all alike."""
     sums = {name: defaultdict(float) for name in fns}
+    others = {name: defaultdict(float) for name in fns}
     per = max(1, runs // rounds)
     with torch.no_grad():
         for fn in fns.values():
@@ -58,8 +66,13 @@ def profile_ms(fns: dict, runs: int, rounds: int = 5) -> dict:
                         fn()
                 for e in prof.key_averages():
                     if e.key.startswith("aten::"):
-                        sums[name][kind(e.key)] += e.self_cpu_time_total / 1000 / (per * rounds)
-    return {name: {"total": sum(s.values()), **dict(s)} for name, s in sums.items()}
+                        ms = e.self_cpu_time_total / 1000 / (per * rounds)
+                        sums[name][kind(e.key)] += ms
+                        if kind(e.key) == "other":
+                            others[name][e.key] += ms
+    return {name: {"total": sum(s.values()), **dict(s),
+                   "other_ops": dict(sorted(others[name].items(), key=lambda kv: -kv[1])[:6])}
+            for name, s in sums.items()}
 
 
 def main(argv=None) -> dict:
@@ -68,6 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", type=int, nargs="+", default=[112, 224])
     ap.add_argument("--images", type=int, default=256, help="calibration images (Imagenette-112)")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1, help="batch size (64: the throughput case; no exported path)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -83,27 +97,32 @@ def main(argv=None) -> dict:
             leaf = int(sb.route(tree, x1)[0])
             path = sb.export_path(tree, leaf).eval()
             macs = count_macs(path, x1) / count_macs(dense, x1)
-            prof = profile_ms({"dense": lambda: dense(x1), "tree": lambda: tree(x1), "path": lambda: path(x1)},
-                              a.runs)
-            row = {"prune_residual": residual, "size": size, "mac_fraction": macs, "ms": prof}
+            fns = {"dense": lambda: dense(x1), "tree": lambda: tree(x1), "path": lambda: path(x1)}
+            if a.batch > 1:
+                xb = torch.nn.functional.interpolate(calib[:a.batch], size=size, mode="bilinear")
+                fns = {"dense": lambda: dense(xb), "tree": lambda: tree(xb)}
+            prof = profile_ms(fns, a.runs)
+            row = {"prune_residual": residual, "size": size, "batch": a.batch, "mac_fraction": macs, "ms": prof}
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {"command": "python -m benchmarks.latency_profile " + " ".join(argv or sys.argv[1:]),
               "machine": machine(), "rows": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency_profile.json").write_text(json.dumps(result, indent=1))
-    (out / "latency_profile.md").write_text(report(result))
+    stem = "latency_profile" + (f"_b{a.batch}" if a.batch > 1 else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(report(result))
     return result
 
 
 def report(r: dict) -> str:
     m = r["machine"]
-    kinds = [k for k, _ in KINDS] + ["other"]
-    lines = ["# Batch-1 CPU latency by kind of operator: timm ResNet-50, keep 0.5, depth 2", "",
+    kinds = [k for k, _, _ in KINDS] + ["other"]
+    batch = r["rows"][0].get("batch", 1) if r["rows"] else 1
+    lines = [f"# Batch-{batch} CPU time by kind of operator: timm ResNet-50, keep 0.5, depth 2", "",
              f"Command: `{r['command'].strip()}`; commit {m['commit']}, {m['cpu']} ({m['threads']} threads), "
              f"{m['date']}.", "",
-             "Self CPU time of the leaf aten operators under torch.profiler, ms per inference (the profiler adds "
+             "Self CPU time of the leaf aten operators under torch.profiler, ms per batch (the profiler adds "
              "its own overhead, so totals exceed the unprofiled latency). 'ratio' is the model's time for that "
              "kind over dense's; the MAC fraction counts convolutions and the classifier only. The three models "
              "are profiled in 5 interleaved rounds; ratios still move by a few hundredths between runs of the "
