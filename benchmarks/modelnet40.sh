@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The ModelNet40 / PointNet++ comparison behind benchmarks/results/modelnet40.md (issue 9), resumable.
+#   pretrain: the dense PointNet++ (SSG by default) trained from scratch on ModelNet40 (1,024 points,
+#             ../shared/data/modelnet40-1024.npz), one checkpoint per epoch;
+#   compare:  from that dense model, SigmaB (depth 2), FPGM and HRank at active fractions 0.40 and
+#             0.30 with the same fine-tuning (epochs, SGD schedule, point-cloud augmentation,
+#             distillation from the dense model), and the dense model fine-tuned the same way;
+#   report:   benchmarks/results/modelnet40.{md,json,png} (overall and mean-class accuracy).
+# Every step resumes from its per-epoch checkpoints (--resume), so the script can be rerun until done.
+#   bash benchmarks/modelnet40.sh [pretrain|compare|report ...]   (default: all three)
+#   MODEL=pointnet2_msg WIDTH=0.25 PRE_EPOCHS=12 EPOCHS=3 set the variant (the report states them);
+#   OUT and RESULTS move the run folder and the report.
+# On 2 CPU cores at width 0.25 a dense training epoch takes about 9 minutes (17.9 shapes/s,
+# benchmarks/results/pointnet_speed.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MODEL=${MODEL:-pointnet2_ssg}
+WIDTH=${WIDTH:-0.25}
+OUT=${OUT:-runs/modelnet40/${MODEL}_w${WIDTH}}
+RESULTS=${RESULTS:-benchmarks/results}
+# EXTRA: more compare_baselines options, e.g. "--train-limit 64 --test-limit 32" for a smoke test
+read -r -a extra <<< "${EXTRA:-}"
+common=(--quiet --resume --data modelnet40 --model "$MODEL" --width "$WIDTH" --batch-size 32 --calib-size 256
+        "${extra[@]}")
+
+pretrain() {
+  $PY examples/compare_baselines.py "${common[@]}" --methods dense --epochs 0 --pretrain-epochs "${PRE_EPOCHS:-12}" \
+    --out "$OUT/pretrain"
+}
+
+compare() {
+  local ckpt=$OUT/pretrain/pretrain/checkpoint.pt
+  [ -f "$ckpt" ] || { echo "no dense checkpoint at $ckpt: run the pretrain step first" >&2; exit 2; }
+  for frac in 0.40 0.30; do
+    local methods=(sigmab fpgm hrank)
+    [ "$frac" = 0.40 ] && methods=(dense sigmab fpgm hrank)
+    $PY examples/compare_baselines.py "${common[@]}" --checkpoint "$ckpt" --epochs "${EPOCHS:-3}" --lr 0.01 \
+      --target-fraction "$frac" --methods "${methods[@]}" --out "$OUT/runs/${MODEL}_f${frac}_s0"
+  done
+}
+
+report() { $PY -m benchmarks.report_long "$OUT/runs" "$RESULTS" modelnet40 benchmarks/modelnet40.sh 1.72; }
+
+for part in ${@:-pretrain compare report}; do "$part"; done

@@ -1,0 +1,32 @@
+"""benchmarks.report_long renders any comparison folder: rows, margins, goals, its own stem and plot."""
+import json
+
+from benchmarks import report_long
+
+
+def _row(method, frac, top1, **extra):
+    r = {"method": method, "active_fraction": frac, "top1": top1, "mean_class_top1": top1 - 0.02, "seed": 0,
+         "model": "pointnet2_ssg", "data": "modelnet40", "finetune": {"epochs": 2}, "train_images": 9843,
+         "test_images": 2468, "train_images_per_second": 20.0}
+    if method == "sigmab":
+        r.update(leaf_histogram=[600, 700, 500, 668], best_leaf_top1=top1 - 0.01, oracle_top1=top1 + 0.05,
+                 conditional_gain=0.01)
+    return {**r, **extra}
+
+
+def test_report_for_a_new_comparison(tmp_path):
+    for frac, rows in ((0.4, [_row("dense", 1.0, 0.88), _row("sigmab", 0.39, 0.87), _row("fpgm", 0.39, 0.85),
+                              _row("hrank", 0.39, 0.84)]),
+                       (0.3, [_row("sigmab", 0.29, 0.86), _row("fpgm", 0.29, 0.83)])):
+        d = tmp_path / "runs" / f"pointnet2_ssg_f{frac:.2f}_s0"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": frac}, "rows": rows}))
+    out = tmp_path / "out"
+    report_long.main(str(tmp_path / "runs"), str(out), "modelnet40", "benchmarks/modelnet40.sh", "1.72")
+    text = (out / "modelnet40.md").read_text()
+    assert "`bash benchmarks/modelnet40.sh`" in text and "(goal <= 1.72)" in text
+    assert "| sigmab | 0.4 | 0 | 0.390 | 87.00 | 85.00 | -1.00 |" in text
+    assert "+2.00 pp" in text and "+3.00 pp" in text  # margins over FPGM at 0.40 and 0.30
+    assert (out / "modelnet40.png").stat().st_size > 0
+    summary = json.loads((out / "modelnet40.json").read_text())["summary"]["pointnet2_ssg"]
+    assert abs(summary["margins"]["0.3"]["margin_pp"] - 3.0) < 1e-9
