@@ -123,7 +123,7 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
         raise SystemExit(f"no finished runs under {runs} (results.json); run {script} first")
     summary = summarize(rows)
     m = machine()
-    lines = ["# SigmaB vs FPGM and HRank: the long comparison", "",
+    lines = [f"# SigmaB vs FPGM and HRank: {stem.replace('_', ' ')}", "",
              f"Generated {m['date']} by `bash {script}` then `python -m benchmarks.report_long` "
              f"(commit {m['commit']}) on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, no GPU.", "",
              "Every method starts from the same pretrained dense model and gets the same fine-tuning: the full "
