@@ -17,8 +17,14 @@ GOAL_REDUCTION, GOAL_PP, GOAL_MARGIN_PP = 0.55, 1.5, 15.0
 def _row(r: dict, dense_top1) -> str:
     delta = "" if dense_top1 is None else f"{100 * (r['top1'] - dense_top1):+.2f}"
     hist = r.get("leaf_histogram") or ""
+    ratio = r.get("latency_ratio_b1")  # interleaved with dense (older runs: a single median in ms)
+    lat = f"{ratio:.2f}x" if ratio is not None else f"{r['latency_ms_b1']:.2f} ms"
+    tree = ("" if "conditional_gain" not in r else
+            f"{100 * r['best_leaf_top1']:.2f} / {100 * r['oracle_top1']:.2f} / {100 * r['conditional_gain']:+.2f}")
+    ips = r.get("train_images_per_second")
     return (f"| {r['method']} | {r['stored_params']:,} | {r['active_params']:,} | {r['active_fraction']:.3f} | "
-            f"{100 * r['top1_before_finetune']:.2f} | {100 * r['top1']:.2f} | {delta} | {r['latency_ms_b1']:.2f} | {hist} |")
+            f"{100 * r['top1_before_finetune']:.2f} | {100 * r['top1']:.2f} | {delta} | {lat} | "
+            f"{'' if ips is None else f'{ips:.0f}'} | {hist} | {tree} |")
 
 
 def fpgm_overlap(checkpoint: Path) -> dict:
@@ -69,12 +75,16 @@ def main(runs: str, out: str) -> None:
         lines += [f"## {res.parent.name}: {cfg['model']} on {cfg['data']}, depth {cfg['depth']}", "",
                   f"Fine-tuning: {ft['epochs']} epochs on {rows[0]['train_images']:,} training images, batch "
                   f"{ft['batch_size']}, SGD lr {ft['lr']} cosine, router temperature {ft['temperature_start']} -> "
-                  f"{ft['temperature_end']}, last {ft['hard_epochs']} epoch(s) hard-routed; evaluated on "
+                  f"{ft['temperature_end']}, last {ft['hard_epochs']} epoch(s) hard-routed, objective "
+                  f"{ft.get('objective', 'mixture')}, balance weight {ft.get('balance_weight', 0.1)}, distillation "
+                  f"weight {ft.get('distill_weight', 0) if any(r.get('distilled') for r in rows) else 0} for every "
+                  f"method; evaluated on "
                   f"{rows[0]['test_images']:,} images. Dense reference before fine-tuning: "
                   f"{100 * rows[0]['dense_reference_top1']:.2f}%"
                   + (f"; pretrained from scratch for {cfg['pretrain_epochs']} epochs here." if cfg["pretrain_epochs"] else "."),
-                  "", "| method | stored | active | active frac | top-1 before (%) | top-1 (%) | vs dense (pp) | b1 latency ms | leaf histogram |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "", "| method | stored | active | active frac | top-1 before (%) | top-1 (%) | vs dense (pp) "
+                  "| b1 latency (vs dense) | train img/s | leaf histogram | best leaf / oracle / cond. gain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_row(r, dense_top1) for r in rows]
         sig = next((r for r in rows if r["method"] == "sigmab"), None)
         if sig is not None and dense_top1 is not None:
