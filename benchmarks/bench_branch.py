@@ -56,6 +56,14 @@ class _PeakRSS:
         self.mb = max(self.mb, _rss_mb())
 
 
+def configs(keeps, residual: str, depths) -> list:
+    """(keep, prune_residual, depth) of every tree to build: depth 2 at each keep ratio and residual
+    setting ("both", "no", "yes"), then each other depth at the smallest keep without residual pruning."""
+    residuals = {"both": (False, True), "no": (False,), "yes": (True,)}[residual]
+    out = [(keep, r, 2) for keep in keeps for r in residuals]
+    return out + [(min(keeps), False, d) for d in depths if d != 2]
+
+
 def path_macs(tree, x1: torch.Tensor) -> int:
     return count_macs(tree, x1)
 
@@ -87,10 +95,7 @@ def main(argv=None) -> dict:
                "machine": machine(), "model": "timm resnet50, num_classes=10, default init",
                "calibration": f"{len(calib)} Imagenette-112 train images", "trees": []}
     trees = {}
-    residuals = {"both": (False, True), "no": (False,), "yes": (True,)}[args.residual]
-    configs = [(keep, residual, 2) for keep in args.keep for residual in residuals]
-    configs += [(min(args.keep), False, d) for d in args.depths if d != 2]
-    for keep, residual, depth in configs:
+    for keep, residual, depth in configs(args.keep, args.residual, args.depths):
             model = copy.deepcopy(dense)
             rss0 = _rss_mb()
             peak = _PeakRSS()

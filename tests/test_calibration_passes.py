@@ -76,3 +76,13 @@ def test_one_shot_data_is_refused_with_the_model_left_alone():
     assert not sb.is_branched(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_calibration_batches_reach_the_model_channels_last():
+    model = make_model("resnet").eval()
+    seen = []
+    model.conv1.register_forward_pre_hook(
+        lambda m, inp: seen.append((inp[0].shape[0], inp[0].is_contiguous(memory_format=torch.channels_last))))
+    sb.branch(model, depth=2, calib_data=X, keep_ratio=0.5, progress=False, calib_batch_size=32)
+    calib = [cl for rows, cl in seen if rows == 32]  # pass 1 and the refit (the trace runs 2 rows)
+    assert len(calib) >= len(X) // 32 and all(calib), seen
