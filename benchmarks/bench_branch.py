@@ -76,12 +76,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--depths", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--residual", choices=["both", "no", "yes"], default="both", help="prune_residual settings")
-    ap.add_argument("--round-to", type=int, default=1,
-                    help="branch(round_to=...): kept channel counts multiples of this (written to *_round<N>.*)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the saved JSON")
     args = ap.parse_args(argv)
-    stem = "branch_resnet50" + (f"_round{args.round_to}" if args.round_to != 1 else "")
+    stem = "branch_resnet50"
     if args.report_only:
         results = json.loads((Path(args.out) / f"{stem}.json").read_text())
         (Path(args.out) / f"{stem}.md").write_text(report(results))
@@ -102,7 +100,7 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             with peak:
                 sb.branch(model, depth=depth, calib_data=calib, keep_ratio=keep, prune_residual=residual,
-                          round_to=args.round_to, progress=False)
+                          progress=False)
             seconds = time.perf_counter() - t
             rep = sb.param_report(model)
             x1 = calib[:1]
@@ -112,7 +110,7 @@ def main(argv=None) -> dict:
                 i = int(torch.nonzero(leaves == leaf)[0])
                 leaf_macs.append(path_macs(model, calib[i:i + 1]))
             mac_fraction = max(leaf_macs) / count_macs(dense, x1)
-            row = {"keep_ratio": keep, "prune_residual": residual, "depth": depth, "round_to": args.round_to,
+            row = {"keep_ratio": keep, "prune_residual": residual, "depth": depth,
                    "branch_seconds": round(seconds, 2), "branch_peak_rss_growth_mb": round(peak.mb - rss0, 1),
                    "dense_params": dense_params, "total_params": rep["total_params"],
                    "active_params_max": rep["active_params_max"], "active_fraction_max": rep["active_fraction_max"],
@@ -162,8 +160,7 @@ def report(r: dict) -> str:
     lines = [f"# branch() on ResNet-50: {m['date']}", "",
              f"Command: `{r['command']}` (commit {m['commit']})", "",
              f"Machine: {m['cpu']}, {m['threads']} torch threads, GPU: {m['gpu']}, torch {m['torch']}", "",
-             f"Model: {r['model']}; calibration: {r['calibration']}; "
-             f"round_to={r['trees'][0].get('round_to', 1) if r['trees'] else 1}.", "",
+             f"Model: {r['model']}; calibration: {r['calibration']}.", "",
              "| keep | residual | depth | branch s | peak RSS growth MB | stored/dense | active fraction | MAC fraction |",
              "|---|---|---|---|---|---|---|---|"]
     for t in r["trees"]:

@@ -75,6 +75,15 @@ def profile_ms(fns: dict, runs: int, rounds: int = 5) -> dict:
             for name, s in sums.items()}
 
 
+def calls(dense, tree, path, x: torch.Tensor) -> dict:
+    """What is profiled on batch ``x``: dense and the routed tree, and at batch 1 the exported path
+    (it serves the leaf of one input; a batch spans several leaves)."""
+    fns = {"dense": lambda: dense(x), "tree": lambda: tree(x)}
+    if x.shape[0] == 1:
+        fns["path"] = lambda: path(x)
+    return fns
+
+
 def main(argv=None) -> dict:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,11 +106,8 @@ def main(argv=None) -> dict:
             leaf = int(sb.route(tree, x1)[0])
             path = sb.export_path(tree, leaf).eval()
             macs = count_macs(path, x1) / count_macs(dense, x1)
-            fns = {"dense": lambda: dense(x1), "tree": lambda: tree(x1), "path": lambda: path(x1)}
-            if a.batch > 1:
-                xb = torch.nn.functional.interpolate(calib[:a.batch], size=size, mode="bilinear")
-                fns = {"dense": lambda: dense(xb), "tree": lambda: tree(xb)}
-            prof = profile_ms(fns, a.runs)
+            xb = torch.nn.functional.interpolate(calib[:a.batch], size=size, mode="bilinear")
+            prof = profile_ms(calls(dense, tree, path, xb), a.runs)
             row = {"prune_residual": residual, "size": size, "batch": a.batch, "mac_fraction": macs, "ms": prof}
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -10,7 +10,6 @@ by the routers, so shuffled loaders are fine.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -44,7 +43,8 @@ def iter_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
 
 def fast_layout(x: torch.Tensor) -> torch.Tensor:
     """A 4-D CPU batch in channels-last memory order: the same values, and oneDNN's convolutions run
-    1.4-1.5x faster on it (timm ResNet-50, 64 x 112 px, 2 threads); other batches as they are."""
+    faster on it (timm ResNet-50, batch 64 at 112 px, 2 threads: 1.33 -> 0.98 s a forward, measured by
+    hand once; branch() as a whole in benchmarks/bench_branch.py); other batches as they are."""
     if x.ndim == 4 and x.device.type == "cpu":
         return x.contiguous(memory_format=torch.channels_last)
     return x
@@ -131,6 +131,7 @@ class Pass1:
     features: List[torch.Tensor]  # per split point, (N, C_l) pooled features (float32, CPU)
     per_sample: Optional[Dict[tuple, torch.Tensor]]  # {(level, layer): (N, C_in)}, None past the memory bound
     fingerprints: torch.Tensor  # (N, 2), see fingerprint()
+    paths: Optional[List[torch.Tensor]] = None  # each sample's node id per level, set once routers are grown
 
 
 def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, device,
@@ -175,14 +176,6 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
     return Pass1([torch.cat(store[s]) if store[s] else torch.zeros(0) for s in split_points],
                  {k: torch.cat(v) for k, v in stats.items()} if stats is not None else None,
                  torch.cat(prints) if prints else torch.zeros(0, 2, dtype=torch.float64))
-
-
-def leaf_paths(routers: List[List[CosineRouter]], features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Node id of every calibration sample at each level (0..depth), from pass 1's features (CPU)."""
-    node = [torch.zeros(features[0].shape[0], dtype=torch.long)]
-    for l, row in enumerate(routers):
-        node.append(route_children([copy.deepcopy(r).cpu() for r in row], node[l], features[l]))
-    return node
 
 
 def node_stats(per_sample: Dict[tuple, torch.Tensor], paths: List[torch.Tensor]):

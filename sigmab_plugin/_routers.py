@@ -59,11 +59,11 @@ def _run(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], routers: List[List[CosineRouter]],
-                  calib_data, cfg: BranchConfig, device, calib: Optional[_calib.Pass1] = None) -> None:
+                  calib_data, cfg: BranchConfig, device, calib: _calib.Pass1) -> None:
     """Refit the routers below the root on the features the pruned nodes really produce.
 
-    Every calibration sample follows its path in the dense clustering: taken from pass 1 (``calib``)
-    when the batch holds the samples pass 1 saw at that position (checked by their fingerprints, so
+    Every calibration sample follows its path in the dense clustering: taken from pass 1
+    (``calib.paths``) when the batch holds the samples pass 1 saw at that position (checked by their fingerprints, so
     a shuffled loader stays right), else from a dense forward that stops at the last split point.
     The tree runs forced along those paths up to its last router; each router then becomes the
     cosine classifier of its two children's mean pruned features, biased to the cluster sizes.
@@ -73,7 +73,6 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
         return
     state = tree._sigmab_tree
     feats = {l: [] for l in range(1, depth)}  # level -> [(pooled features, parent node, target child)]
-    stored = _calib.leaf_paths(routers, calib.features) if calib is not None else None
     path = {}
     handles = []
     for l, s in enumerate(split_points):
@@ -99,9 +98,9 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
                 b = x.shape[0]
                 path.clear()
                 rows = slice(start, start + b)
-                if stored is not None and start + b <= len(calib.fingerprints) \
-                        and torch.equal(_calib.fingerprint(x), calib.fingerprints[rows]):
-                    path.update({l: stored[l][rows].to(device) for l in range(1, depth + 1)})
+                if start + b <= len(calib.fingerprints) and torch.equal(_calib.fingerprint(x),
+                                                                       calib.fingerprints[rows]):
+                    path.update({l: calib.paths[l][rows].to(device) for l in range(1, depth + 1)})
                 else:
                     path[0] = torch.zeros(b, dtype=torch.long, device=device)
                     _run(dense, _calib.fast_layout(x))
@@ -115,8 +114,7 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
         state.ctx = None
         for h in handles:
             h.remove()
-    if calib is not None and start != len(calib.fingerprints):
-        _calib.check_second_pass(len(calib.fingerprints), start)
+    _calib.check_second_pass(len(calib.fingerprints), start)
     for l in range(1, depth):
         f = torch.cat([t[0] for t in feats[l]])
         node, target = torch.cat([t[1] for t in feats[l]]), torch.cat([t[2] for t in feats[l]])
@@ -134,7 +132,8 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
 
 
 def grow_routers(features: List[torch.Tensor], cfg: BranchConfig):
-    """Routers of every internal node, level by level, each fitted on its own samples."""
+    """Routers of every internal node, level by level, each fitted on its own samples. Returns the
+    routers, each node's share of the samples, and every sample's node id at each level (0..depth)."""
     n = features[0].shape[0]
     members = {(0, 0): torch.arange(n)}
     routers: List[List[CosineRouter]] = []
@@ -159,4 +158,7 @@ def grow_routers(features: List[torch.Tensor], cfg: BranchConfig):
                 members[(l + 1, 2 * j + c)] = idx[child == c]
         routers.append(row)
     shares = {f"{l}/{j}": idx.numel() / n for (l, j), idx in members.items()}
-    return routers, shares
+    paths = [torch.zeros(n, dtype=torch.long) for _ in range(cfg.depth + 1)]
+    for (l, j), idx in members.items():
+        paths[l][idx] = j
+    return routers, shares, paths

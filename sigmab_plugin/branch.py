@@ -136,12 +136,12 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
     if n < cfg.min_leaf_samples * 2 ** cfg.depth:
         raise ValueError(f"calib_data has {n} samples; a depth-{cfg.depth} tree needs at least "
                          f"{cfg.min_leaf_samples * 2 ** cfg.depth} (min_leaf_samples x 2**depth): give more data")
-    routers, shares = grow_routers(features, cfg)
+    routers, shares, calib.paths = grow_routers(features, cfg)
     for row in routers:
         for r in row:
             r.to(device)
     if calib.per_sample is not None:  # the usual case: no second pass over the data
-        sums, counts = _calib.node_stats(calib.per_sample, _calib.leaf_paths(routers, features))
+        sums, counts = _calib.node_stats(calib.per_sample, calib.paths)
         calib.per_sample = None
     else:
         sums, counts = _calib.channel_stats(model, split_points, levels, routers, calib_data, cfg, device)
@@ -176,9 +176,10 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
 
 
 def assemble(model, spec: dict, routers, calib_data, cfg: BranchConfig, example, device, nodes=None,
-             pruners=None, calib: Optional[_calib.Pass1] = None) -> nn.Module:
+             pruners=None, *, calib: _calib.Pass1) -> nn.Module:
     """Build the tree of ``spec`` (``nodes``: node copies already pruned), swap it into ``model``, refit
-    the routers below the root and check a forward; on any failure ``model`` is put back as it was."""
+    the routers below the root from ``calib`` (what :func:`plan_tree` calibrated) and check a forward;
+    on any failure ``model`` is put back as it was."""
     dense = copy.deepcopy(model)
     routed, state = build_tree(model, spec, example, routers, nodes, pruners)
     split_points = spec["split_points"]

@@ -149,7 +149,7 @@ class SigmaBPruner:
                                       self.pruners)
             nodes = build_nodes(spec, routers)
             assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners, calib)
+                     self.pruners, calib=calib)
         finally:
             _restore_flags(self.model, flags)
 
@@ -176,7 +176,7 @@ class SigmaBPruner:
                             _drop(spec["plan"], group_key, l, j, len(levels))  # left unpruned by the user
                     nodes[key] = (_split.finish_node(copy_, frozen, units), infos)
             assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners, calib)
+                     self.pruners, calib=calib)
         finally:
             _restore_flags(self.model, flags)
 

@@ -28,3 +28,13 @@ def test_profile_and_report():
         "machine": {"commit": "abc", "cpu": "cpu", "threads": 2, "date": "today"}}
     text = lp.report(r)
     assert "| False | 32 | 0.250 | tree |" in text and "Batch-1" in text
+
+
+def test_batch_chooses_what_is_profiled():
+    seen = []
+    dense, tree, path = (lambda x, n=n: seen.append((n, x.shape[0])) for n in ("dense", "tree", "path"))
+    for batch in (1, 64):
+        fns = lp.calls(dense, tree, path, torch.zeros(batch, 3, 8, 8))
+        for fn in fns.values():
+            fn()
+    assert seen == [("dense", 1), ("tree", 1), ("path", 1), ("dense", 64), ("tree", 64)]
