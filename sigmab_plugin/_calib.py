@@ -16,10 +16,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ._forward import run_model
 from ._progress import progress
 from ._trace import PARAM_LAYERS
 from .routing import CosineRouter, pool_features
-
 
 
 class CalibDataError(ValueError):
@@ -169,7 +169,7 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
                                             "sigmab calibrate (features, activations)")):
                 check_batch(x, device, f"batch {b}")
                 prints.append(fingerprint(x))
-                model(fast_layout(x))
+                run_model(model, fast_layout(x))
     finally:
         for h in handles:
             h.remove()
@@ -215,7 +215,7 @@ def channel_stats(model: nn.Module, split_points: Sequence[str], levels: Sequenc
                                             "sigmab calibrate 2/2 (activations per node)")):
                 node.clear()
                 node[0] = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                model(fast_layout(x))
+                run_model(model, fast_layout(x))
     finally:
         for h in handles:
             h.remove()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _calib
+from ._forward import run_model
 from .config import BranchConfig
 from .kmeans import spherical_kmeans
 from .routing import CosineRouter, RoutedModule, pool_features
@@ -53,7 +54,7 @@ class _Stop(Exception):
 
 def _run(model: nn.Module, x: torch.Tensor) -> None:
     try:
-        model(x)
+        run_model(model, x)
     except _Stop:
         pass
 

@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._forward import current_forward_fn
 from ._trace import PARAM_LAYERS
 
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -67,6 +68,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, pruners=None) -> tp.Dep
         p.requires_grad_(True)
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                     forward_fn=current_forward_fn(),
                                                      customized_pruners={**registered_pruners(), **(pruners or {})})
 
 

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ._forward import run_model
+
 PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers whose channels SigmaB scores and prunes
 
 
@@ -54,7 +56,7 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            run_model(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -12,7 +12,7 @@ original modules back.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from ._assemble import build_tree, classifier_layers, first_consumers, swap_in
 from ._routers import grow_routers, refit_routers
 from .config import BranchConfig
 from ._calib import CalibDataError
+from ._forward import run_model, using_forward_fn
 from .routing import RoutedModule, attach, detach, is_branched, set_routing
 
 SPEC_FORMAT = "sigmab-tree"
@@ -37,7 +38,8 @@ def _resolve_config(config, **kwargs) -> BranchConfig:
 
 
 def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, split_points=_UNSET, seed=_UNSET,
-           config: Optional[BranchConfig] = None, customized_pruners: Optional[dict] = None, **options) -> nn.Module:
+           config: Optional[BranchConfig] = None, customized_pruners: Optional[dict] = None,
+           forward_fn: Optional[Callable] = None, **options) -> nn.Module:
     """Restructure ``model`` into a SigmaB tree in place and return the same object.
 
     Args:
@@ -51,16 +53,20 @@ def branch(model: nn.Module, depth=_UNSET, *, calib_data, keep_ratio=_UNSET, spl
         config: a ``BranchConfig``; keyword arguments (including any of its fields) override it.
         customized_pruners: ``{module type: tp pruning function}`` for layers Torch-Pruning does not
             know (added to those of :func:`register_pruner`, for this call).
+        forward_fn: ``forward_fn(model, x) -> logits`` runs the model on a batch ``x`` of calib_data
+            (Torch-Pruning's convention; e.g. ``lambda m, x: m(x)["logits"]``); default ``model(x)``.
+            Used for every forward of this call; the tree it returns is called as the model was.
     """
     cfg = _resolve_config(config, depth=depth, keep_ratio=keep_ratio, split_points=split_points, seed=seed,
                           **options)
-    example, device = prepare(model, cfg, calib_data)
-    flags = {name: m.training for name, m in model.named_modules()}
-    model.eval()
-    try:
-        return _branch(model, cfg, calib_data, example, device, customized_pruners)
-    finally:
-        _restore_flags(model, flags)
+    with using_forward_fn(forward_fn):
+        example, device = prepare(model, cfg, calib_data)
+        flags = {name: m.training for name, m in model.named_modules()}
+        model.eval()
+        try:
+            return _branch(model, cfg, calib_data, example, device, customized_pruners)
+        finally:
+            _restore_flags(model, flags)
 
 
 def prepare(model: nn.Module, cfg: BranchConfig, calib_data, example: Optional[torch.Tensor] = None):
@@ -202,7 +208,8 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
     with torch.no_grad():
         for mode in ("hard", "soft"):
             set_routing(model, mode)
-            out = model(example)
+            out = run_model(model, example)
             if not torch.is_tensor(out) or out.shape[0] != example.shape[0] or not torch.isfinite(out).all():
-                raise RuntimeError(f"{mode} routing gave {type(out).__name__} of shape {getattr(out, 'shape', None)}")
+                raise RuntimeError(f"{mode} routing gave {type(out).__name__} of shape {getattr(out, 'shape', None)} "
+                                   "(the model, or forward_fn, must return a logits tensor of one row per input)")
     set_routing(model, "auto")

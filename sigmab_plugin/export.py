@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -201,10 +201,12 @@ class _NodeLoader:
             unit.variants[node].to("meta")
 
 
-def load_deployment(directory, base_model: nn.Module, max_paths: Optional[int] = 1) -> nn.Module:
+def load_deployment(directory, base_model: nn.Module, max_paths: Optional[int] = 1, *,
+                    forward_fn: Optional[Callable] = None) -> nn.Module:
     """Rebuild the tree of ``directory`` on ``base_model`` (a fresh dense model) with every node unloaded;
     nodes load from their files when an input is routed to them. ``model.sigmab_loader.opened`` lists
-    the files read."""
+    the files read. ``forward_fn``: as in :func:`sigmab_plugin.branch`."""
+    from ._forward import using_forward_fn
     from ._trace import trace_calls
     from ._assemble import build_tree
     from .routing import CosineRouter, attach
@@ -222,10 +224,11 @@ def load_deployment(directory, base_model: nn.Module, max_paths: Optional[int] =
     spec = manifest["spec"]
     device = next(base_model.parameters()).device
     example = torch.zeros(2, *spec["input_shape"], device=device)
-    trace = trace_calls(base_model, example)
-    routers = [[CosineRouter(torch.zeros(2, trace.width[s]), 1.0).to(device) for _ in range(2 ** l)]
-               for l, s in enumerate(spec["split_points"])]
-    routed, state = build_tree(base_model, spec, example, routers)
+    with using_forward_fn(forward_fn):
+        trace = trace_calls(base_model, example)
+        routers = [[CosineRouter(torch.zeros(2, trace.width[s]), 1.0).to(device) for _ in range(2 ** l)]
+                   for l, s in enumerate(spec["split_points"])]
+        routed, state = build_tree(base_model, spec, example, routers)
     units: Dict[int, List[tuple]] = {}
     for name, unit in routed.items():
         units.setdefault(unit.level, []).append((name, unit))

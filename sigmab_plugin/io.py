@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._assemble import build_tree, swap_in
+from ._forward import using_forward_fn
 from ._trace import trace_calls
 from .branch import SPEC_FORMAT, _restore_flags
 from .routing import CosineRouter, attach, detach, is_branched, tree_state
@@ -116,8 +117,9 @@ def _expected_state(base_model: nn.Module, routed: Dict[str, nn.Module]) -> Dict
     return shapes
 
 
-def load_branched(base_model: nn.Module, directory) -> nn.Module:
+def load_branched(base_model: nn.Module, directory, *, forward_fn: Optional[Callable] = None) -> nn.Module:
     """Rebuild a saved tree on ``base_model`` (a fresh dense model of the same architecture), in place.
+    ``forward_fn``: as in :func:`sigmab_plugin.branch`, for models that ``model(x)`` does not run.
 
     Everything is checked before ``base_model`` changes; on any error it is left as it was.
     """
@@ -136,11 +138,13 @@ def load_branched(base_model: nn.Module, directory) -> nn.Module:
                          "save the tree again") from err
     device = next(base_model.parameters()).device
     example = torch.zeros(2, *spec["input_shape"], device=device)
-    trace = trace_calls(base_model, example)  # router input width = channels at each split point
+    with using_forward_fn(forward_fn):
+        trace = trace_calls(base_model, example)  # router input width = channels at each split point
     routers = [[CosineRouter(torch.zeros(2, trace.width[split]), 1.0).to(device) for _ in range(2 ** l)]
                for l, split in enumerate(spec["split_points"])]
     try:
-        routed, state = build_tree(base_model, spec, example, routers)
+        with using_forward_fn(forward_fn):
+            routed, state = build_tree(base_model, spec, example, routers)
     except (RuntimeError, ValueError, IndexError, KeyError) as err:
         raise ValueError(f"the spec in {directory} does not fit {type(base_model).__name__} ({err}): it was saved "
                          "from another architecture or has been edited") from err

@@ -15,13 +15,14 @@ Torch-Pruning pruner.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from . import _calib, _split
+from ._forward import run_model, using_forward_fn
 from ._trace import PARAM_LAYERS
 from .branch import _resolve_config, _restore_flags, assemble, plan_tree, prepare
 from .config import BranchConfig
@@ -32,7 +33,7 @@ class ActivationImportance(tp.importance.Importance):
     over ``calib_data``, each layer normalised to mean 1 and summed over the group: the score SigmaB
     allocates each node's channels with, computed over all the data (a static pruner has one node)."""
 
-    def __init__(self, model: nn.Module, calib_data, batch_size: int = 64):
+    def __init__(self, model: nn.Module, calib_data, batch_size: int = 64, forward_fn: Optional[Callable] = None):
         _calib.check_calib_data(calib_data)
         sums: Dict[nn.Module, torch.Tensor] = {}
         count = [0]
@@ -48,9 +49,9 @@ class ActivationImportance(tp.importance.Importance):
         flags = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), using_forward_fn(forward_fn):
                 for x in _calib.iter_inputs(calib_data, batch_size):
-                    model(x)
+                    run_model(model, x)
                     count[0] += x.shape[0]
         finally:
             for h in handles:
@@ -101,9 +102,8 @@ class SigmaBPruner:
         if importance is not None and not isinstance(importance, ActivationImportance):
             raise TypeError(f"importance={type(importance).__name__}: SigmaBPruner scores channels per tree node by "
                             "activation on that node's own samples; pass importance=None (or an ActivationImportance)")
-        if forward_fn is not None:
-            raise ValueError("forward_fn is not supported: SigmaB calibrates by calling model(x) on calib_data "
-                             "batches; wrap the model so that model(x) runs it")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn must be a callable (model, inputs) -> logits, got {type(forward_fn).__name__}")
         if isinstance(pruning_ratio, bool) or not isinstance(pruning_ratio, (int, float)) \
                 or not 0 <= pruning_ratio < 1:
             raise ValueError(f"pruning_ratio={pruning_ratio!r} must be a number in [0, 1) (1 - keep ratio)")
@@ -132,6 +132,7 @@ class SigmaBPruner:
         self.pruners = dict(customized_pruners or {})
         self.config = _resolve_config(config, depth=depth, keep_ratio=1.0 - float(pruning_ratio), **options)
         self.calib_data = calib_data
+        self.forward_fn = forward_fn
         self.example, self.device = prepare(model, self.config, calib_data, example_inputs)
 
     def step(self, interactive: bool = False):
@@ -145,11 +146,12 @@ class SigmaBPruner:
         flags = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
-                                      self.pruners)
-            nodes = build_nodes(spec, routers)
-            assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners, calib=calib)
+            with using_forward_fn(self.forward_fn):
+                spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
+                                                 self.pruners)
+                nodes = build_nodes(spec, routers)
+                assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
+                         self.pruners, calib=calib)
         finally:
             _restore_flags(self.model, flags)
 
@@ -157,8 +159,9 @@ class SigmaBPruner:
         flags = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
-                                      self.pruners)
+            with using_forward_fn(self.forward_fn):  # never held across a yield: the caller runs in between
+                spec, routers, calib = plan_tree(self.model, self.config, self.calib_data, self.example, self.device,
+                                                 self.pruners)
             levels = spec["levels"]
             unit_level = {u: l for l, lv in enumerate(levels, start=1) for u in lv}
             nodes = {}
@@ -166,8 +169,9 @@ class SigmaBPruner:
                 for j in range(2 ** l):
                     key = f"{l}/{j}"
                     plan = spec["plan"].setdefault(key, {})
-                    copy_, dg, infos, frozen = _split.prepare_node(self.model, self.example, unit_level,
-                                                                  spec["classifier"], self.pruners)
+                    with using_forward_fn(self.forward_fn):
+                        copy_, dg, infos, frozen = _split.prepare_node(self.model, self.example, unit_level,
+                                                                      spec["classifier"], self.pruners)
                     n_of = {i.key: i.n for i in infos}
                     for group_key, group in list(_split.node_groups(copy_, dg, infos, plan)):
                         group.sigmab_node = key
@@ -175,8 +179,9 @@ class SigmaBPruner:
                         if dg.get_out_channels(copy_.get_submodule(group_key)) == n_of[group_key]:
                             _drop(spec["plan"], group_key, l, j, len(levels))  # left unpruned by the user
                     nodes[key] = (_split.finish_node(copy_, frozen, units), infos)
-            assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
-                     self.pruners, calib=calib)
+            with using_forward_fn(self.forward_fn):
+                assemble(self.model, spec, routers, self.calib_data, self.config, self.example, self.device, nodes,
+                         self.pruners, calib=calib)
         finally:
             _restore_flags(self.model, flags)
 

@@ -116,7 +116,7 @@ def test_activation_importance_changes_what_a_static_pruner_keeps():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(importance=tp.importance.MagnitudeImportance()), TypeError, "importance=MagnitudeImportance"),
-    (dict(forward_fn=lambda m, x: m(x)), ValueError, "forward_fn is not supported"),
+    (dict(forward_fn="model(x)"), TypeError, "forward_fn must be a callable"),
     (dict(pruning_ratio=1.5), ValueError, "pruning_ratio=1.5"),
     (dict(pruning_ratio_dict={nn.Conv2d(3, 3, 1): 0.5}), ValueError, "not a module of the model"),
     (dict(ignored_layers=[nn.Linear(2, 2)]), ValueError, "not a module of the model"),
