@@ -88,7 +88,8 @@ class SigmaBPruner:
     Args follow ``tp.pruner.BasePruner``: ``pruning_ratio`` is the share of each coupled channel group
     a node removes (``branch(keep_ratio=1 - pruning_ratio)``); ``pruning_ratio_dict`` maps a module (or
     a tuple of modules) to its own ratio; ``ignored_layers`` stay whole in every node; ``round_to``
-    rounds kept channel counts; ``customized_pruners`` teach the graph new layer types. SigmaB's own
+    rounds kept channel counts; ``customized_pruners`` teach the graph new layer types; ``forward_fn(model,
+    x) -> logits`` runs models that ``model(x)`` cannot (as in :func:`sigmab_plugin.branch`). SigmaB's own
     arguments (``calib_data``, ``depth``, ``split_points``, ``seed``, any ``BranchConfig`` field) are
     keywords; ``config`` gives a whole ``BranchConfig``.
     """
