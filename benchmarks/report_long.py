@@ -52,7 +52,9 @@ def summarize(rows: List[dict]) -> dict:
     for model in sorted({r["model"] for r in rows}):
         mr = [r for r in rows if r["model"] == model]
         dense = [r["top1"] for r in mr if r["method"] == "dense"]
-        s = {"dense_top1": mean(dense) if dense else None, "margins": {}, "epochs": mr[0]["finetune"]["epochs"],
+        before = [r["top1_before_finetune"] for r in mr if r["method"] == "dense" and "top1_before_finetune" in r]
+        s = {"dense_top1": mean(dense) if dense else None, "margins": {},
+             "dense_top1_before_finetune": mean(before) if before else None, "epochs": mr[0]["finetune"]["epochs"],
              "train_images": mr[0]["train_images"], "test_images": mr[0]["test_images"]}
         for target in sorted({r["target"] for r in mr if r["method"] == "sigmab"}):
             sig = _mean_top1(mr, "sigmab", target)
@@ -146,6 +148,10 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
             gap = 100 * (s["dense_top1"] - s["margins"]["0.4"]["sigmab"])
             lines.append(f"- SigmaB at 0.40 is {gap:.2f} pp below dense ({100 * s['dense_top1']:.2f}%) "
                          f"(goal <= {gap_goal:g}).")
+            pre = s["dense_top1_before_finetune"]
+            if pre is not None and abs(pre - s["dense_top1"]) > 5e-5:  # the fine-tuning moved the dense model
+                lines.append(f"- The dense model before that fine-tuning scored {100 * pre:.2f}%: SigmaB at 0.40 is "
+                             f"{100 * (pre - s['margins']['0.4']['sigmab']):.2f} pp below it.")
         fa = s["sigmab_fraction_at_static_0.55"]
         if fa:
             lines.append(f"- The best static method reaches {100 * s['static_top1_at_0.55']:.2f}% at 0.55 active; SigmaB "
