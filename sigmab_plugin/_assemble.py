@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import _split, _trace
+from ._forward import using_forward_fn
 from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState, to_path_batchnorm
 
 
@@ -93,3 +94,15 @@ def _set_child(parent: nn.Module, attr: str, module: nn.Module) -> None:
         parent[int(attr)] = module
     else:
         setattr(parent, attr, module)
+
+
+def rebuild_tree(base_model: nn.Module, spec: dict, forward_fn=None):
+    """The routed modules and tree state of a saved ``spec`` on a fresh dense ``base_model``, routers
+    zeroed (their weights come from the saved tensors); ``base_model`` is only run, never changed."""
+    device = next(base_model.parameters()).device
+    example = torch.zeros(2, *spec["input_shape"], device=device)
+    with using_forward_fn(forward_fn):
+        trace = _trace.trace_calls(base_model, example)  # router input width = channels at each split point
+        routers = [[CosineRouter(torch.zeros(2, trace.width[split]), 1.0).to(device) for _ in range(2 ** l)]
+                   for l, split in enumerate(spec["split_points"])]
+        return build_tree(base_model, spec, example, routers)

@@ -206,10 +206,8 @@ def load_deployment(directory, base_model: nn.Module, max_paths: Optional[int] =
     """Rebuild the tree of ``directory`` on ``base_model`` (a fresh dense model) with every node unloaded;
     nodes load from their files when an input is routed to them. ``model.sigmab_loader.opened`` lists
     the files read. ``forward_fn``: as in :func:`sigmab_plugin.branch`."""
-    from ._forward import using_forward_fn
-    from ._trace import trace_calls
-    from ._assemble import build_tree
-    from .routing import CosineRouter, attach
+    from ._assemble import rebuild_tree
+    from .routing import attach
 
     directory = Path(directory)
     manifest_path = directory / MANIFEST
@@ -223,12 +221,7 @@ def load_deployment(directory, base_model: nn.Module, max_paths: Optional[int] =
         raise ValueError(f"{backbone} is not the file this deployment was written with (SHA-256 differs)")
     spec = manifest["spec"]
     device = next(base_model.parameters()).device
-    example = torch.zeros(2, *spec["input_shape"], device=device)
-    with using_forward_fn(forward_fn):
-        trace = trace_calls(base_model, example)
-        routers = [[CosineRouter(torch.zeros(2, trace.width[s]), 1.0).to(device) for _ in range(2 ** l)]
-                   for l, s in enumerate(spec["split_points"])]
-        routed, state = build_tree(base_model, spec, example, routers)
+    routed, state = rebuild_tree(base_model, spec, forward_fn)
     units: Dict[int, List[tuple]] = {}
     for name, unit in routed.items():
         units.setdefault(unit.level, []).append((name, unit))

@@ -19,11 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._assemble import build_tree, swap_in
-from ._forward import using_forward_fn
-from ._trace import trace_calls
+from ._assemble import rebuild_tree, swap_in
 from .branch import SPEC_FORMAT, _restore_flags
-from .routing import CosineRouter, attach, detach, is_branched, tree_state
+from .routing import attach, detach, is_branched, tree_state
 
 SPEC_FILE = "sigmab_spec.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -136,15 +134,8 @@ def load_branched(base_model: nn.Module, directory, *, forward_fn: Optional[Call
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{directory / WEIGHTS_FILE} cannot be read ({err}): the file is damaged or truncated; "
                          "save the tree again") from err
-    device = next(base_model.parameters()).device
-    example = torch.zeros(2, *spec["input_shape"], device=device)
-    with using_forward_fn(forward_fn):
-        trace = trace_calls(base_model, example)  # router input width = channels at each split point
-    routers = [[CosineRouter(torch.zeros(2, trace.width[split]), 1.0).to(device) for _ in range(2 ** l)]
-               for l, split in enumerate(spec["split_points"])]
     try:
-        with using_forward_fn(forward_fn):
-            routed, state = build_tree(base_model, spec, example, routers)
+        routed, state = rebuild_tree(base_model, spec, forward_fn)
     except (RuntimeError, ValueError, IndexError, KeyError) as err:
         raise ValueError(f"the spec in {directory} does not fit {type(base_model).__name__} ({err}): it was saved "
                          "from another architecture or has been edited") from err
