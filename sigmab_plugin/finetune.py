@@ -45,8 +45,8 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     augment: bool = field(default=True, metadata={"help": "random crop (pad 4) during training (in-memory data)"})
     flip: bool = field(default=True, metadata={"help": "random horizontal flip (in-memory data; off for digits)"})
-    temperature_start: float = field(default=1.0, metadata={"help": "router temperature of the first epoch"})
-    temperature_end: float = field(default=0.1, metadata={"help": "router temperature of the last epoch"})
+    temperature_start: float = field(default=1.0, metadata={"help": "router temperature of the first batch"})
+    temperature_end: float = field(default=0.1, metadata={"help": "router temperature of the last soft batch"})
     hard_epochs: int = field(default=0, metadata={"help": "last epochs trained with hard routing (routers frozen)"})
     objective: str = field(default="expected", metadata={"help": "'expected' per-path loss or 'mixture'"})
     balance_weight: float = field(default=2.0, metadata={"help": "weight of the leaf load-balance term"})
@@ -85,11 +85,11 @@ class FinetuneConfig:
         return LossConfig(self.objective, self.balance_weight, self.distill_weight, self.distill_temperature,
                           self.distill_paths)
 
-    def schedule(self) -> TemperatureSchedule:
-        return TemperatureSchedule(self.temperature_start, self.temperature_end, max(1, self.epochs))
-
-    def temperature(self, epoch: int) -> float:
-        return self.schedule()(epoch)
+    def schedule(self, steps_per_epoch: int = 1) -> TemperatureSchedule:
+        """The router temperature per training batch: annealed geometrically over the soft-routed batches
+        (``epochs - hard_epochs`` epochs of ``steps_per_epoch``), so even a one-epoch run starts soft."""
+        soft = max(1, (self.epochs - self.hard_epochs) * steps_per_epoch)
+        return TemperatureSchedule(self.temperature_start, self.temperature_end, soft)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -366,7 +366,7 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     rank, world = _world()
-    loss_cfg, schedule = cfg.loss(), cfg.schedule()
+    loss_cfg, schedule = cfg.loss(), cfg.schedule(steps_per_epoch)
     history: List[dict] = []
     start = 0
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -399,8 +399,8 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
                                          find_unused_parameters=branched)
     try:
         for epoch in range(start, cfg.epochs):
-            row = _epoch(model, runner, data, norm, cfg, loss_cfg, epoch, schedule(epoch) if branched else None,
-                         opt, sched, scaler, teacher, device, augment)
+            row = _epoch(model, runner, data, norm, cfg, loss_cfg, epoch, schedule if branched else None,
+                         steps_per_epoch, opt, sched, scaler, teacher, device, augment)
             _sync_buffers(model, world)
             if test is not None:
                 ev = evaluate(model, *(test if isinstance(test, tuple) else (test,)), normalize=normalize,
@@ -439,14 +439,16 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig, epoch: int, temperature, opt,
-           sched, scaler, teacher, device, augment=None) -> dict:
+def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig, epoch: int,
+           schedule: Optional[TemperatureSchedule], steps_per_epoch: int, opt, sched, scaler, teacher, device,
+           augment=None) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout, loader shuffling; in-memory batches use gen
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-    if temperature is not None:
+    temps = []  # router temperature of each batch (annealed per batch over the soft epochs)
+    if schedule is not None:
         hard = epoch >= cfg.epochs - cfg.hard_epochs
-        set_routing(model, "hard" if hard else "soft", temperature, top_k=cfg.top_k,
+        set_routing(model, "hard" if hard else "soft", schedule(epoch * steps_per_epoch), top_k=cfg.top_k,
                     balance_rate=cfg.balance_rate, bn_weighting=cfg.bn_weighting)
     model.train()
     batches, n_batches = _batches(data, cfg, gen, epoch, augment)
@@ -454,8 +456,12 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
     sums: Dict[str, float] = {}
     seen = correct = 0
     load = None  # training leaf shares: path probability mass (soft) or routed samples (hard)
+    greedy = None  # soft routing: how many samples have each leaf as their most probable one
     autocast = torch.autocast(device.type, dtype=AMP[cfg.amp]) if cfg.amp else contextlib.nullcontext()
-    for xb, yb in batches:
+    for step, (xb, yb) in enumerate(batches):
+        if schedule is not None:
+            tree_state(model).temperature = schedule(epoch * steps_per_epoch + step)
+            temps.append(tree_state(model).temperature)
         x, y = norm(xb.to(device, non_blocking=True)), yb.to(device)
         if not isinstance(data, tuple) and (x.is_floating_point() and not torch.isfinite(x).all()):
             raise ValueError(f"a training batch of epoch {epoch + 1} contains NaN or inf; clean the data")
@@ -482,18 +488,26 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
             sums[k] = sums.get(k, 0.0) + v * len(y)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
-        if temperature is not None:
+        if schedule is not None:
             state = tree_state(model)
-            share = state.last_leaf_probs.detach().sum(0) if state.last_leaf_probs is not None else \
-                torch.bincount(state.last_leaves, minlength=2 ** state.depth).to(torch.float64)
+            n_leaves = 2 ** state.depth
+            if state.last_leaf_probs is not None:
+                share = state.last_leaf_probs.detach().sum(0)
+                top = torch.bincount(state.last_leaf_probs.detach().argmax(1).cpu(), minlength=n_leaves).double()
+                greedy = top if greedy is None else greedy + top
+            else:
+                share = torch.bincount(state.last_leaves, minlength=n_leaves).to(torch.float64)
             load = share.double().cpu() if load is None else load + share.double().cpu()
     n = max(1, seen)
     seconds = time.perf_counter() - t0
-    row = {"epoch": epoch + 1, "temperature": temperature, "lr": sched.get_last_lr()[0],
+    row = {"epoch": epoch + 1, "temperature": temps[-1] if temps else None,
+           "temperature_first": temps[0] if temps else None, "lr": sched.get_last_lr()[0],
            **{k: v / n for k, v in sums.items()}, "train_top1": correct / n, "seconds": seconds,
            "images_per_second": seen / max(seconds, 1e-9)}
     if load is not None:
         row["train_leaf_share"] = (load / load.sum()).tolist()
+    if greedy is not None:  # far from train_leaf_share when routers hedge (every sample near 50/50)
+        row["train_leaf_share_argmax"] = (greedy / greedy.sum()).tolist()
     return row
 
 

@@ -61,14 +61,27 @@ def test_soft_training_trains_routers_and_anneals_temperature(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items() if "routers" in k and "centroids" in k}
     cfg = ft.FinetuneConfig(epochs=3, batch_size=32, lr=0.05, progress=False, hard_epochs=1, balance_weight=0.5)
     hist = ft.finetune(model, X, Y, _norm, cfg, test=(X[:32], Y[:32]))
-    temps = [h["temperature"] for h in hist]
+    temps = [t for h in hist for t in (h["temperature_first"], h["temperature"])]
     assert temps[0] == cfg.temperature_start and temps[-1] == pytest.approx(cfg.temperature_end)
     assert temps == sorted(temps, reverse=True)
+    assert hist[1]["temperature"] == pytest.approx(cfg.temperature_end)  # annealed over the soft epochs only
+    assert hist[0]["temperature"] < hist[0]["temperature_first"]  # annealed per batch, within an epoch
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert hist[0]["balance"] >= 0 and "test_leaf_histogram" in hist[-1]
     assert sum(hist[-1]["test_leaf_histogram"]) == 32
     assert model._sigmab_tree.mode == "auto" and not model.training
+
+
+def test_one_epoch_run_anneals_from_the_start_temperature():
+    """A one-epoch run used to train at temperature_end throughout (saturated routers, collapse on ModelNet40)."""
+    model = _model(True)
+    cfg = ft.FinetuneConfig(epochs=1, batch_size=16, lr=0.05, progress=False, temperature_start=2.0)
+    row = ft.finetune(model, X, Y, _norm, cfg)[0]
+    assert row["temperature_first"] == 2.0 and row["temperature"] == pytest.approx(cfg.temperature_end)
+    shares, argmax = row["train_leaf_share"], row["train_leaf_share_argmax"]
+    assert len(argmax) == len(shares) == 4 and sum(argmax) == pytest.approx(1.0)
+    assert all(a * len(Y) == pytest.approx(round(a * len(Y))) for a in argmax)  # counts of samples, not mass
 
 
 def test_distillation_and_balance_terms():
@@ -115,10 +128,12 @@ def test_plain_loop_with_public_pieces_equals_finetune():
     model = _model(True)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
+    steps = cfg.epochs * len(loader)
     for epoch in range(cfg.epochs):
-        sb.set_routing(model, "soft", sb.temperature_at(epoch, cfg.epochs, cfg.temperature_start, cfg.temperature_end))
         model.train()
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            t = sb.temperature_at(epoch * len(loader) + i, steps, cfg.temperature_start, cfg.temperature_end)
+            sb.set_routing(model, "soft", t)
             loss, _ = sb.tree_loss(model, model(x), y, config=cfg.loss())
             opt.zero_grad()
             loss.backward()
