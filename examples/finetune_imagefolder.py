@@ -69,10 +69,12 @@ def main(argv=None) -> dict:
     autocast = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", torch.bfloat16)) \
         if a.amp else contextlib.nullcontext
     history = []
+    steps = a.epochs * len(train)
     for epoch in range(a.epochs):
-        sb.set_routing(model, "soft", temperature=sb.temperature_at(epoch, a.epochs))
         model.train()
-        for x, y in train:
+        for i, (x, y) in enumerate(train):
+            # router temperature 1 -> 0.1, annealed per batch (a short run must still start soft)
+            sb.set_routing(model, "soft", temperature=sb.temperature_at(epoch * len(train) + i, steps))
             with autocast():
                 out = model(x)
                 with torch.no_grad():
