@@ -26,6 +26,9 @@ from .registry import RunContext, available_methods, get_method
 from .timing import latency_ratios
 
 
+CALIBRATE_ROUTING_SAMPLES = 2048  # training inputs that calibrate_routing reads (a seeded subset)
+
+
 @dataclass
 class HarnessConfig:
     model: str = "resnet20"
@@ -50,6 +53,7 @@ class HarnessConfig:
     device: str = "cpu"
     out_dir: str = "runs/compare"
     resume: bool = False  # continue each method from its checkpoint in out_dir/<method>
+    calibrate_routing: bool = False  # SigmaB: after fine-tuning, hard routing given each leaf its training mass
 
     def validate(self) -> None:
         known = available_methods()
@@ -118,6 +122,15 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                            test=(test.images, test.labels), teacher=teacher, out_dir=out / name,
                            resume=cfg.resume, augment=augment)
         branched = sb.is_branched(model)
+        calibration = None
+        if branched and cfg.calibrate_routing and history:  # on training inputs, without augmentation
+            g = torch.Generator().manual_seed(cfg.seed + 3)
+            pick = torch.randperm(len(train.labels), generator=g)[:CALIBRATE_ROUTING_SAMPLES]
+            calibration = sb.calibrate_routing(model, data.normalize(train.images[pick].to(cfg.device)),
+                                               shares=history[-1]["train_leaf_share"],
+                                               temperature=ft.temperature_end)
+            calibration["top1_before"] = history[-1].get("test_top1")
+            calibration["leaf_histogram_before"] = history[-1].get("test_leaf_histogram")
         after = evaluate(model, test.images, test.labels, data.normalize, diagnostics=branched)
         if branched:
             rep = sb.param_report(model)
@@ -132,7 +145,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                "train_seconds": sum(h["seconds"] for h in history),
                "train_images_per_second": (sum(len(train.labels) for _ in history)
                                            / max(1e-9, sum(h["seconds"] for h in history))) if history else None,
-               "distilled": teacher is not None,
+               "distilled": teacher is not None, "routing_calibration": calibration,
                **{k: after[k] for k in ("leaf_top1_all", "leaf_top1_routed", "best_leaf_top1", "oracle_top1",
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),

@@ -62,6 +62,9 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--bn-weighting", action=argparse.BooleanOptionalAction, default=d.bn_weighting,
                     help="SigmaB: node BatchNorm statistics weighted by path probability in soft training")
     ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
+    ap.add_argument("--calibrate-routing", action=argparse.BooleanOptionalAction, default=False,
+                    help="SigmaB: after fine-tuning, shift the routers' thresholds so hard routing gives each leaf "
+                         "the share of training it received (sigmab_plugin.calibrate_routing)")
     ap.add_argument("--resume", action="store_true", help="continue each method from its checkpoint in --out")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
@@ -91,7 +94,7 @@ def parse(argv=None) -> tuple:
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
-                        resume=a.resume, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        resume=a.resume, calibrate_routing=a.calibrate_routing, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                         model_kwargs={} if a.width is None else {"width": a.width})
     return cfg, a.sweep
 

@@ -72,14 +72,31 @@ def test_distill_zero_trains_without_teacher(tmp_path):
         assert not r["distilled"] and all("distill" not in row for row in log)
 
 
+@pytest.mark.parametrize("flag", ["--calibrate-routing", "--no-calibrate-routing"])
+def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
+    rows = cli.main(TINY + ["--methods", "sigmab", flag, "--out", str(tmp_path)])
+    cal = rows[0]["routing_calibration"]
+    trained = torch.load(tmp_path / "sigmab" / "checkpoint.pt", weights_only=True)["model"]
+    tree = sb.load_branched(create_model("resnet20", 10, shortcut="B"), tmp_path / "sigmab" / "tree")
+    moved = [k for k, v in tree.state_dict().items() if k.endswith(".balance") and not torch.equal(v, trained[k])]
+    if flag == "--no-calibrate-routing":
+        assert cal is None and not moved
+        return
+    log = [json.loads(line) for line in (tmp_path / "sigmab" / "log.jsonl").read_text().splitlines()]
+    assert cal["leaf_mass"] == pytest.approx(log[-1]["train_leaf_share"])  # the training mass is the target
+    assert cal["top1_before"] == log[-1]["test_top1"] and sum(rows[0]["leaf_histogram"]) == 96
+    assert max(abs(a - b) for a, b in zip(cal["leaf_share_after"], cal["leaf_mass"])) <= 2 / cal["samples"] + 1e-9
+    assert moved or cal["leaf_share_before"] == cal["leaf_share_after"]  # the offsets were saved with the tree
+
+
 def test_recipe_flags_reach_the_config():
     cfg, _ = cli.parse(TINY + ["--objective", "mixture", "--balance-weight", "0.7", "--balance-rate", "0.01",
                                "--top-k", "2", "--bn-weighting", "--distill-paths", "weighted", "--coverage",
-                               "--hard-epochs", "1", "--resume"])
+                               "--hard-epochs", "1", "--resume", "--calibrate-routing"])
     ft = cfg.finetune
     assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
-    assert cfg.coverage and cfg.resume
+    assert cfg.coverage and cfg.resume and cfg.calibrate_routing
     default, _ = cli.parse(TINY)
     assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
     assert default.device == ("cuda" if torch.cuda.is_available() else "cpu") and default.model_kwargs == {}
