@@ -160,6 +160,13 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
         for run, g in s["conditional_gain_pp"].items():
             lines.append(f"- Tree {run}: conditional gain {g:+.2f} pp (goal >= 2), smallest leaf share "
                          f"{100 * s['min_leaf_share'][run]:.0f}% (goal >= 10%).")
+        for r in rows:
+            cal = r.get("routing_calibration") if r["model"] == model else None
+            if cal and cal.get("top1_before") is not None:
+                pct = lambda v: "/".join(f"{100 * a / sum(v):.0f}" for a in v)  # noqa: E731
+                lines.append(f"- Tree {r['run']}: hard routing calibrated to the training mass {pct(cal['leaf_mass'])}% "
+                             f"(`calibrate_routing`): top-1 {100 * cal['top1_before']:.2f}% -> {100 * r['top1']:.2f}%, "
+                             f"test leaf shares {pct(cal['leaf_histogram_before'])} -> {pct(r['leaf_histogram'])}%.")
         lines.append("")
     lines += [f"![top-1 vs active fraction]({stem}.png)", ""]
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,9 @@ def _row(method, frac, top1, **extra):
 def test_report_for_a_new_comparison(tmp_path):
     for frac, rows in ((0.4, [_row("dense", 1.0, 0.88, top1_before_finetune=0.9), _row("sigmab", 0.39, 0.87), _row("fpgm", 0.39, 0.85),
                               _row("hrank", 0.39, 0.84)]),
-                       (0.3, [_row("sigmab", 0.29, 0.86), _row("fpgm", 0.29, 0.83)])):
+                       (0.3, [_row("sigmab", 0.29, 0.86, routing_calibration={
+                           "leaf_mass": [0.25] * 4, "top1_before": 0.84, "leaf_histogram_before": [100, 0, 1368, 1000]}),
+                               _row("fpgm", 0.29, 0.83)])):
         d = tmp_path / "runs" / f"pointnet2_ssg_f{frac:.2f}_s0"
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"config": {"target_fraction": frac}, "rows": rows}))
@@ -28,6 +30,8 @@ def test_report_for_a_new_comparison(tmp_path):
     assert "| sigmab | 0.4 | 0 | 0.390 | 87.00 | 85.00 | -1.00 |" in text
     assert "scored 90.00%: SigmaB at 0.40 is 3.00 pp below it" in text
     assert "+2.00 pp" in text and "+3.00 pp" in text  # margins over FPGM at 0.40 and 0.30
+    assert "calibrated to the training mass 25/25/25/25% (`calibrate_routing`): top-1 84.00% -> 86.00%, test leaf " \
+        "shares 4/0/55/41 -> 24/28/20/27%" in text
     assert (out / "modelnet40.png").stat().st_size > 0
     summary = json.loads((out / "modelnet40.json").read_text())["summary"]["pointnet2_ssg"]
     assert abs(summary["margins"]["0.3"]["margin_pp"] - 3.0) < 1e-9
