@@ -58,6 +58,8 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--balance-weight", type=float, default=d.balance_weight, help="SigmaB: load-balance loss weight")
     ap.add_argument("--balance-rate", type=float, default=d.balance_rate,
                     help="SigmaB: step of the routers' load-balancing offsets per batch (0: off)")
+    ap.add_argument("--decisive-weight", type=float, default=d.decisive_weight,
+                    help="SigmaB: weight of the per-sample leaf entropy, so routers commit instead of hedging")
     ap.add_argument("--top-k", type=int, default=d.top_k, help="SigmaB: soft routing keeps k paths per sample")
     ap.add_argument("--bn-weighting", action=argparse.BooleanOptionalAction, default=d.bn_weighting,
                     help="SigmaB: node BatchNorm statistics weighted by path probability in soft training")
@@ -87,6 +89,7 @@ def parse(argv=None) -> tuple:
     ft = FinetuneConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, flip=not (digits or points), seed=a.seed,
                         distill_weight=a.distill, distill_paths=a.distill_paths, objective=a.objective,
                         balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
+                        decisive_weight=a.decisive_weight,
                         bn_weighting=a.bn_weighting, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,

@@ -11,7 +11,7 @@ from .config import BranchConfig
 from .io import load_branched, save_branched
 from .export import export_deployment, export_path, load_deployment
 from .kmeans import spherical_kmeans
-from .objective import LossConfig, TemperatureSchedule, leaf_balance, temperature_at, tree_loss
+from .objective import LossConfig, TemperatureSchedule, leaf_balance, leaf_entropy, temperature_at, tree_loss
 from .report import param_report, summary
 from .routing import forward_leaf, is_branched, route, set_routing, tree_state
 
@@ -31,6 +31,7 @@ __all__ = [
     "forward_leaf",
     "is_branched",
     "leaf_balance",
+    "leaf_entropy",
     "load_branched",
     "load_deployment",
     "param_report",

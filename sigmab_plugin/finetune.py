@@ -51,6 +51,7 @@ class FinetuneConfig:
     objective: str = field(default="expected", metadata={"help": "'expected' per-path loss or 'mixture'"})
     balance_weight: float = field(default=2.0, metadata={"help": "weight of the leaf load-balance term"})
     balance_rate: float = field(default=0.0, metadata={"help": "step of the routers' load-balancing offsets"})
+    decisive_weight: float = field(default=0.0, metadata={"help": "weight of the per-sample leaf entropy (no hedging)"})
     distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation (when a teacher is given)"})
     distill_temperature: float = 4.0
     distill_paths: str = field(default="all", metadata={"help": "'all' paths unweighted or 'weighted' by P(path)"})
@@ -83,7 +84,7 @@ class FinetuneConfig:
 
     def loss(self) -> LossConfig:
         return LossConfig(self.objective, self.balance_weight, self.distill_weight, self.distill_temperature,
-                          self.distill_paths)
+                          self.distill_paths, self.decisive_weight)
 
     def schedule(self, steps_per_epoch: int = 1) -> TemperatureSchedule:
         """The router temperature per training batch: annealed geometrically over the soft-routed batches
@@ -342,7 +343,8 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
     saved = ck.get("config")
     if saved is not None:
         mine = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
-        theirs_cfg = {k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}
+        defaults = FinetuneConfig(progress=False).to_dict()  # a field added since the checkpoint: its default
+        theirs_cfg = {**defaults, **{k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}}
         changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k))
         if changed:
             what = ", ".join(f"{k}: {theirs_cfg.get(k)!r} -> {mine[k]!r}" for k in changed[:4])

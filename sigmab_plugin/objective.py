@@ -46,6 +46,7 @@ class LossConfig:
     distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation (used when a teacher is given)"})
     distill_temperature: float = field(default=4.0, metadata={"help": "softmax temperature of distillation"})
     distill_paths: str = field(default="all", metadata={"help": "'all': every path distilled unweighted; 'weighted'"})
+    decisive_weight: float = field(default=0.0, metadata={"help": "weight of the mean per-sample leaf entropy"})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -53,6 +54,7 @@ class LossConfig:
         if self.distill_paths not in DISTILL_PATHS:
             raise ValueError(f"distill_paths={self.distill_paths!r} is unknown; choose one of {DISTILL_PATHS}")
         _number("balance_weight", self.balance_weight, 0)
+        _number("decisive_weight", self.decisive_weight, 0)
         _number("distill_weight", self.distill_weight, 0)
         _number("distill_temperature", self.distill_temperature, 0, lo_open=True)
 
@@ -64,6 +66,16 @@ def leaf_balance(leaf_probs: torch.Tensor) -> torch.Tensor:
     """``L * sum(q**2) - 1`` for the batch-mean leaf distribution q: 0 when uniform, L-1 when collapsed."""
     q = leaf_probs.mean(0)
     return q.numel() * (q * q).sum() - 1.0
+
+
+def leaf_entropy(leaf_probs: torch.Tensor) -> torch.Tensor:
+    """Mean per-sample entropy (nats) of the leaf distribution: 0 when every sample commits to one leaf.
+
+    The balance term alone is also met by routers that hedge (every sample near 1/L on each leaf, so the
+    mass is balanced while the hard decisions are not); penalising this entropy as well makes the
+    balance hold for the decisions (balance + decisiveness: the mutual information of input and leaf)."""
+    p = leaf_probs.clamp_min(1e-12)
+    return -(leaf_probs * p.log()).sum(1).mean()
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -109,7 +121,7 @@ def tree_loss(model: nn.Module, logits: torch.Tensor, target: torch.Tensor, *,
     ``logits`` is what that forward returned (the path mixture in soft routing, the routed output in
     hard routing); under soft routing the expected objective reads the per-path outputs the forward
     recorded. ``teacher_logits`` (the dense model on the same batch) switches distillation on.
-    Returns ``(loss, {"loss", "ce", "balance", "distill"})``.
+    Returns ``(loss, {"loss", "ce", "balance", "distill", "leaf_entropy"})``.
     """
     state = tree_state(model)
     cfg = config or LossConfig()
@@ -144,6 +156,11 @@ def tree_loss(model: nn.Module, logits: torch.Tensor, target: torch.Tensor, *,
         bal = leaf_balance(state.last_leaf_probs)
         loss = loss + cfg.balance_weight * bal
         parts["balance"] = float(bal.detach())
+    if soft:
+        ent = leaf_entropy(state.last_leaf_probs)
+        if cfg.decisive_weight > 0:
+            loss = loss + cfg.decisive_weight * ent
+        parts["leaf_entropy"] = float(ent.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
 

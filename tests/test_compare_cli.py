@@ -92,11 +92,12 @@ def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
 def test_recipe_flags_reach_the_config():
     cfg, _ = cli.parse(TINY + ["--objective", "mixture", "--balance-weight", "0.7", "--balance-rate", "0.01",
                                "--top-k", "2", "--bn-weighting", "--distill-paths", "weighted", "--coverage",
-                               "--hard-epochs", "1", "--resume", "--calibrate-routing"])
+                               "--hard-epochs", "1", "--resume", "--calibrate-routing",
+                               "--decisive-weight", "0.3"])
     ft = cfg.finetune
     assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
-    assert cfg.coverage and cfg.resume and cfg.calibrate_routing
+    assert cfg.coverage and cfg.resume and cfg.calibrate_routing and ft.loss().decisive_weight == 0.3
     default, _ = cli.parse(TINY)
     assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
     assert default.device == ("cuda" if torch.cuda.is_available() else "cpu") and default.model_kwargs == {}

@@ -73,6 +73,22 @@ def test_soft_training_trains_routers_and_anneals_temperature(tmp_path):
     assert model._sigmab_tree.mode == "auto" and not model.training
 
 
+def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_path):
+    """A field added to FinetuneConfig since a checkpoint was written is taken at its default."""
+    cfg = ft.FinetuneConfig(epochs=2, batch_size=32, lr=0.05, progress=False)
+    model = _model(True)
+    ft.finetune(model, X, Y, _norm, ft.FinetuneConfig(**{**cfg.to_dict(), "epochs": 2}), out_dir=tmp_path)
+    ck = torch.load(tmp_path / ft.CHECKPOINT, weights_only=True)
+    old = json.loads(ck["config"])
+    del old["decisive_weight"]
+    ck["config"] = json.dumps(old)
+    torch.save(ck, tmp_path / ft.CHECKPOINT)
+    assert len(ft.finetune(_model(True), X, Y, _norm, cfg, out_dir=tmp_path, resume=True)) == 2
+    with pytest.raises(ValueError, match="decisive_weight"):  # a changed value is still refused
+        ft.finetune(_model(True), X, Y, _norm, ft.FinetuneConfig(**{**cfg.to_dict(), "decisive_weight": 1.0}),
+                    out_dir=tmp_path, resume=True)
+
+
 def test_one_epoch_run_anneals_from_the_start_temperature():
     """A one-epoch run used to train at temperature_end throughout (saturated routers, collapse on ModelNet40)."""
     model = _model(True)

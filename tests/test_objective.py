@@ -77,6 +77,34 @@ def test_balance_term_and_hard_mode_loss():
     assert "balance" not in parts and float(loss) == pytest.approx(float(F.cross_entropy(out, Y)), rel=1e-6)
 
 
+def test_decisive_term_is_the_leaf_entropy_and_sharpens_routers():
+    uniform, onehot = torch.full((4, 4), 0.25), torch.eye(4)
+    assert float(sb.leaf_entropy(uniform)) == pytest.approx(float(torch.log(torch.tensor(4.0))))
+    assert float(sb.leaf_entropy(onehot)) == pytest.approx(0.0, abs=1e-9)
+    model = _tree().train()
+    sb.set_routing(model, "soft", temperature=2.0)  # hedging routers: every path has some mass
+    out = model(X)
+    off, parts_off = sb.tree_loss(model, out, Y, config=NO_TERMS)
+    on, parts_on = sb.tree_loss(model, out, Y, config=sb.LossConfig(balance_weight=0.0, distill_weight=0.0,
+                                                                     decisive_weight=2.0))
+    ent = float(sb.leaf_entropy(tree_state(model).last_leaf_probs))
+    assert parts_off["leaf_entropy"] == pytest.approx(ent) and ent > 0.1  # logged even when not used
+    assert float(on) == pytest.approx(float(off) + 2.0 * ent, rel=1e-5)
+    routers = [p for n, p in model.named_parameters() if "routers" in n]
+    opt = torch.optim.SGD(routers, lr=0.5)  # only the routers move: the entropy term alone makes them commit
+    before = ent
+    for _ in range(10):
+        model(X)
+        loss = sb.leaf_entropy(tree_state(model).last_leaf_probs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < before - 0.05
+    with pytest.raises(ValueError, match="decisive_weight"):
+        sb.LossConfig(decisive_weight=-1.0)
+    assert ft.FinetuneConfig(decisive_weight=0.5).loss().decisive_weight == 0.5
+
+
 def test_tree_loss_errors_name_the_problem():
     model = _tree().train()
     out = model(X)
