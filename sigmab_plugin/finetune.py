@@ -462,7 +462,8 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
     autocast = torch.autocast(device.type, dtype=AMP[cfg.amp]) if cfg.amp else contextlib.nullcontext()
     for step, (xb, yb) in enumerate(batches):
         if schedule is not None:
-            tree_state(model).temperature = schedule(epoch * steps_per_epoch + step)
+            # per batch; a loader without len() has steps_per_epoch 1: per epoch, as its lr schedule
+            tree_state(model).temperature = schedule(epoch * steps_per_epoch + (step if n_batches else 0))
             temps.append(tree_state(model).temperature)
         x, y = norm(xb.to(device, non_blocking=True)), yb.to(device)
         if not isinstance(data, tuple) and (x.is_floating_point() and not torch.isfinite(x).all()):

@@ -100,6 +100,16 @@ def test_one_epoch_run_anneals_from_the_start_temperature():
     assert all(a * len(Y) == pytest.approx(round(a * len(Y))) for a in argmax)  # counts of samples, not mass
 
 
+def test_batches_without_len_anneal_per_epoch():
+    class Stream:  # iterable, no len(): finetune cannot know the steps per epoch
+        def __iter__(self):
+            return iter([(_norm(X[i:i + 16]), Y[i:i + 16]) for i in range(0, len(Y), 16)])
+    cfg = ft.FinetuneConfig(epochs=2, lr=0.05, progress=False)
+    rows = ft.finetune(_model(True), Stream(), cfg=cfg)
+    assert [(r["temperature_first"], r["temperature"]) for r in rows] == [
+        (cfg.temperature_start, cfg.temperature_start), (pytest.approx(cfg.temperature_end),) * 2]
+
+
 def test_distillation_and_balance_terms():
     probs = torch.full((8, 4), 0.25)
     assert float(sb.leaf_balance(probs)) == pytest.approx(0.0)
