@@ -93,12 +93,16 @@ def _soft_leaf_mass(margins: Dict[Tuple[int, int], torch.Tensor], depth: int, te
     return probs
 
 
+def _descend(margins: Dict[Tuple[int, int], torch.Tensor], level: int, node: torch.Tensor) -> torch.Tensor:
+    """Each sample's node one level down, from its router's margin at ``level`` (argmax: ties to child 0)."""
+    m = torch.stack([margins[(level, p)] for p in range(2 ** (level - 1))], 1).gather(1, node[:, None])[:, 0]
+    return 2 * node + (m < 0).long()
+
+
 def _hard_leaves(margins: Dict[Tuple[int, int], torch.Tensor], depth: int) -> torch.Tensor:
-    n = next(iter(margins.values())).shape[0]
-    node = torch.zeros(n, dtype=torch.long)
+    node = torch.zeros(next(iter(margins.values())).shape[0], dtype=torch.long)
     for level in range(1, depth + 1):
-        m = torch.stack([margins[(level, p)] for p in range(2 ** (level - 1))], 1).gather(1, node[:, None])[:, 0]
-        node = 2 * node + (m < 0).long()  # argmax: ties go to child 0
+        node = _descend(margins, level, node)
     return node
 
 
@@ -166,8 +170,7 @@ def calibrate_routing(model: nn.Module, data: Data, *, temperature: float = 0.1,
                 router.balance.add_(torch.tensor([delta / 2, -delta / 2], dtype=router.balance.dtype,
                                                  device=router.balance.device))
             offsets[f"{level}.{p}"] = delta
-        m = torch.stack([margins[(level, p)] for p in range(2 ** (level - 1))], 1).gather(1, node[:, None])[:, 0]
-        node = 2 * node + (m < 0).long()
+        node = _descend(margins, level, node)
     return {"samples": n, "temperature": float(temperature),
             "leaf_mass": (mass / mass.sum()).tolist(),
             "leaf_share_before": (before.double() / n).tolist(),
