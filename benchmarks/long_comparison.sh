@@ -7,6 +7,7 @@
 # sessions until it is complete; then `report` writes the table, the plot and the reading.
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
 #   EPOCHS_R20=5 EPOCHS_R56=3 set the epochs (the report states what was used).
+#   ONLY="f0.30_s0 f0.55_s0" runs only those budget/seed pairs (the others are skipped, not deleted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,6 +17,7 @@ common=(--quiet --resume --data cifar10-jpeg --shortcut A --batch-size 64 --lr 0
 run() {  # model checkpoint epochs fraction seed methods...
   local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5
   shift 5
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" f${frac}_s${seed} "* ]]; then return 0; fi
   $PY examples/compare_baselines.py "${common[@]}" --model "$model" --checkpoint "$W/$ckpt" --epochs "$epochs" \
     --target-fraction "$frac" --seed "$seed" --methods "$@" --out "runs/long/${model}_f${frac}_s${seed}"
 }
