@@ -28,10 +28,44 @@ def test_report_for_a_new_comparison(tmp_path):
     text = (out / "modelnet40.md").read_text()
     assert "`bash benchmarks/modelnet40.sh`" in text and "(goal <= 1.72)" in text
     assert "| sigmab | 0.4 | 0 | 0.390 | 87.00 | 85.00 | -1.00 |" in text
-    assert "scored 90.00%: SigmaB at 0.40 is 3.00 pp below it" in text
+    assert "scored 90.00%: SigmaB at 0.40 is -3.00 pp from it" in text
     assert "+2.00 pp" in text and "+3.00 pp" in text  # margins over FPGM at 0.40 and 0.30
+    # how the goal compares with the dense model: FPGM 85% + 2 pp = 87%, 1 pp below dense's 88%
+    assert "(goal >= +2; the goal asks for 87.00%, -1.00 pp from the dense model fine-tuned the same way)" in text
     assert "calibrated to the training mass 25/25/25/25% (`calibrate_routing`): top-1 84.00% -> 86.00%, test leaf " \
         "shares 4/0/55/41 -> 24/28/20/27%" in text
     assert (out / "modelnet40.png").stat().st_size > 0
     summary = json.loads((out / "modelnet40.json").read_text())["summary"]["pointnet2_ssg"]
     assert abs(summary["margins"]["0.3"]["margin_pp"] - 3.0) < 1e-9
+
+
+def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_path):
+    d = tmp_path / "runs" / "m_f0.30_s0"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.3}, "machine": {"commit": "abc1234"},
+                                                "rows": [_row("sigmab", 0.29, 0.80), _row("fpgm", 0.29, 0.78)]}))
+    prior_rows = [{**_row("sigmab", 0.39, 0.86), "run": "m_f0.40_s0", "target": 0.4},
+                  {**_row("fpgm", 0.39, 0.85), "run": "m_f0.40_s0", "target": 0.4},
+                  {**_row("fpgm", 0.29, 0.10), "run": "m_f0.30_s0", "target": 0.3}]  # superseded by the run dir
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"rows": prior_rows}))
+    out = tmp_path / "out"
+    report_long.cli([str(tmp_path / "runs"), str(out), "--prior", str(prior)])
+    text = (out / "long_comparison.md").read_text()
+    assert "- m_f0.30_s0: run here at commit abc1234." in text
+    assert f"- m_f0.40_s0: from the earlier report `{prior}` (written ? at commit ?)." in text
+    rows = json.loads((out / "long_comparison.json").read_text())["rows"]
+    assert sorted((r["run"], r["method"], r["top1"]) for r in rows) == [
+        ("m_f0.30_s0", "fpgm", 0.78), ("m_f0.30_s0", "sigmab", 0.80), ("m_f0.40_s0", "fpgm", 0.85),
+        ("m_f0.40_s0", "sigmab", 0.86)]
+    # the written report can itself be the prior of the next one: its rows keep their origin
+    report_long.cli([str(tmp_path / "runs"), str(tmp_path / "out2"), "--prior", str(out / "long_comparison.json")])
+    assert f"- m_f0.40_s0: from the earlier report `{prior}` (written ? at commit ?)." in \
+        (tmp_path / "out2" / "long_comparison.md").read_text()
+
+
+def test_prior_that_is_missing_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--prior .*no such report"):
+        report_long.cli([str(tmp_path), str(tmp_path / "o"), "--prior", str(tmp_path / "nope.json")])
