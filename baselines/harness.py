@@ -22,6 +22,7 @@ from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
 
 from .data import load_dataset
 from .models import classifier_name, create_model
+from .provenance import machine
 from .registry import RunContext, available_methods, get_method
 from .timing import latency_ratios
 
@@ -54,6 +55,7 @@ class HarnessConfig:
     out_dir: str = "runs/compare"
     resume: bool = False  # continue each method from its checkpoint in out_dir/<method>
     calibrate_routing: bool = False  # SigmaB: after fine-tuning, hard routing given each leaf its training mass
+    reconstruct: bool = False  # every pruned method: before fine-tuning, refit its pruned layers to the dense ones
 
     def validate(self) -> None:
         known = available_methods()
@@ -116,6 +118,15 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         if name not in prepared:
             prepared[name] = (method.prepare(run), time.perf_counter() - t0)
         model, prepare_s = prepared.pop(name)
+        reconstruction = None
+        if cfg.reconstruct and name != "dense":  # every pruned model, on the calibration inputs that built the tree
+            t0 = time.perf_counter()
+            rep = sb.reconstruct(model, dense, calib)
+            errs = rep["relative_error_before"], rep["relative_error_after"]
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"],
+                              "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
+                              "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
+            prepare_s += time.perf_counter() - t0
         before = evaluate(model, test.images, test.labels, data.normalize)
         torch.manual_seed(cfg.seed)
         history = finetune(model, train.images, train.labels, data.normalize, ft,
@@ -145,7 +156,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                "train_seconds": sum(h["seconds"] for h in history),
                "train_images_per_second": (sum(len(train.labels) for _ in history)
                                            / max(1e-9, sum(h["seconds"] for h in history))) if history else None,
-               "distilled": teacher is not None, "routing_calibration": calibration,
+               "distilled": teacher is not None, "routing_calibration": calibration, "reconstruction": reconstruction,
                **{k: after[k] for k in ("leaf_top1_all", "leaf_top1_routed", "best_leaf_top1", "oracle_top1",
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
@@ -177,7 +188,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
 
 def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path) -> None:
     cfg_dict = asdict(cfg)
-    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "machine": machine(), "rows": rows}, indent=1))
     cols = ["method", "stored_params", "active_params", "active_fraction", "top1", "delta_vs_dense_pp",
             "top1_before_finetune", "latency_ms_b1", "latency_ratio_b1", "budget", "keep_ratio", "leaf_histogram",
             "train_images_per_second"]

@@ -50,6 +50,8 @@ VARIANTS = {
     # that hedge balance the mass but not the decisions: ModelNet40 mass 24/24/26/26%, routing 5/2/58/35%)
     "nocover_decisive05": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=0.5), True),
     "nocover_decisive2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=2.0), True),
+    # least-squares refit of every pruned layer to the dense one on the node's calibration samples (sb.reconstruct)
+    "nocover_recon": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, reconstruct=True), True),
     # where the tree splits: later routers read more semantic features (linear probes of the dense
     # ResNet-20's pooled layer1 / layer2 / layer3 outputs predict the class at 43 / 58 / 88 %:
     # benchmarks/probe_split_features.py)
@@ -66,6 +68,7 @@ VARIANTS = {
                        dict(balance_weight=2.0, route_weight=1.0, distill_paths="weighted"), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
+    "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct=True), True),
     "hrank_kd": ("hrank", {}, {}, True),
 }
 
@@ -165,6 +168,8 @@ def main(argv=None) -> None:
             model = get_method(method).prepare(run)
         ftopts = dict(ftopts)
         route_weight = ftopts.pop("route_weight", 0.0)
+        reconstruction = sb.reconstruct(model, dense, calib) if ftopts.pop("reconstruct", False) else None
+        top1_before = evaluate(model, *val, data.normalize)["top1"]
         cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                                        progress=False, distill_weight=1.0 if distill else 0.0), **ftopts})
         teacher = copy.deepcopy(dense).requires_grad_(False) if distill else None
@@ -180,7 +185,8 @@ def main(argv=None) -> None:
         params = sb.param_report(model)["active_params_max"] if sb.is_branched(model) else \
             sum(p.numel() for p in model.parameters())
         row = {"method": method, "branch": bopts, "finetune": cfg.to_dict(), "distilled": distill,
-               "route_weight": route_weight, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
+               "route_weight": route_weight, "top1_before_finetune": top1_before,
+               "reconstruction": reconstruction, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
                "keep_ratio": keep if method == "sigmab" else None,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),
@@ -189,7 +195,7 @@ def main(argv=None) -> None:
         path.write_text(json.dumps(done, indent=1))
         extra = (f" best leaf {100 * ev['best_leaf_top1']:.2f} oracle {100 * ev['oracle_top1']:.2f} "
                  f"leaves {ev['leaf_histogram']}") if "leaf_histogram" in ev else ""
-        print(f"{name}: val top-1 {100 * ev['top1']:.2f}% at {row['active_fraction']:.3f}{extra} "
+        print(f"{name}: val top-1 {100 * top1_before:.2f}% -> {100 * ev['top1']:.2f}% at {row['active_fraction']:.3f}{extra} "
               f"({row['seconds']:.0f}s, {row['train_images_per_second']:.0f} img/s)", flush=True)
 
 
@@ -201,16 +207,18 @@ def report(done: dict, dest: str) -> None:
              f"{a['epochs']} epochs on {a['train_limit']} training images; top-1 on {a['val_size']} images held out "
              "from the training set (validation, not the test set). Conditional gain = routed top-1 minus the "
              "best single leaf applied to every input; oracle = a sample counts when any leaf is right.", "",
-             "| variant | method | KD | active | val top-1 | best leaf | oracle | cond. gain (pp) | leaf shares (%) | train img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | method | KD | active | val top-1 before FT | val top-1 | best leaf | oracle | cond. gain (pp) "
+             "| leaf shares (%) | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in done["rows"].items():
         tree = "leaf_histogram" in r
         shares = "/".join(f"{100 * h / max(1, sum(r['leaf_histogram'])):.0f}" for h in r["leaf_histogram"]) if tree else ""
+        pre = "" if r.get("top1_before_finetune") is None else f"{100 * r['top1_before_finetune']:.2f}"
         lines.append(f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
-                     f"{100 * r['top1']:.2f} | {100 * r['best_leaf_top1']:.2f} | {100 * r['oracle_top1']:.2f} | "
+                     f"{pre} | {100 * r['top1']:.2f} | {100 * r['best_leaf_top1']:.2f} | {100 * r['oracle_top1']:.2f} | "
                      f"{100 * r['conditional_gain']:+.2f} | {shares} | {r['train_images_per_second']:.0f} |" if tree else
                      f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
-                     f"{100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} |")
+                     f"{pre} | {100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} |")
     Path(dest).write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
 

@@ -1,42 +1,14 @@
-"""Shared helpers of the benchmark scripts: machine description, MAC counting and timing."""
+"""Shared helpers of the benchmark scripts: machine description (``baselines.provenance``), MAC counting and
+timing."""
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import subprocess
-import sys
 import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "python": sys.version.split()[0],
-            "torch": torch.__version__, "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _commit()}
-
-
-def _commit() -> str:
-    if os.environ.get("SIGMAB_COMMIT"):  # a copy without .git (e.g. a lent GPU machine)
-        return os.environ["SIGMAB_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from sigmab_plugin.baselines.provenance import machine  # noqa: F401  (re-exported: every benchmark imports it from here)
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:

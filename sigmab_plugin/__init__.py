@@ -7,6 +7,7 @@ root-to-leaf path, so only that path's weights are read per inference.
 from ._split import register_pruner, registered_pruners
 from .branch import branch
 from .calibrate import calibrate_routing
+from .reconstruct import reconstruct
 from .config import BranchConfig
 from .io import load_branched, save_branched
 from .export import export_deployment, export_path, load_deployment
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "branch",
     "calibrate_routing",
+    "reconstruct",
     "export_deployment",
     "export_path",
     "forward_leaf",

@@ -33,6 +33,8 @@ def test_runs_end_to_end_and_records_one_budget(tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0
     with open(tmp_path / "results.csv") as fh:
         assert [r["method"] for r in csv.DictReader(fh)] == methods
+    recorded = json.loads((tmp_path / "results.json").read_text())["machine"]  # where the numbers came from
+    assert recorded["commit"] and recorded["torch"] == torch.__version__ and recorded["date"].endswith("UTC")
     # every method got the same fine-tuning budget, data and seed ...
     for key in ("finetune", "train_images", "test_images", "seed", "data", "model"):
         assert len({json.dumps(r[key], sort_keys=True) for r in rows}) == 1, key
@@ -87,6 +89,22 @@ def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     assert cal["top1_before"] == log[-1]["test_top1"] and sum(rows[0]["leaf_histogram"]) == 96
     assert max(abs(a - b) for a, b in zip(cal["leaf_share_after"], cal["leaf_mass"])) <= 2 / cal["samples"] + 1e-9
     assert moved or cal["leaf_share_before"] == cal["leaf_share_after"]  # the offsets were saved with the tree
+
+
+def test_reconstruct_flag_reaches_the_saved_tree(tmp_path):
+    trees = {}
+    for flag in ("--reconstruct", "--no-reconstruct"):
+        rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag)])
+        for row in rows:  # the tree and the statically pruned model get the same step
+            rec = row["reconstruction"]
+            if flag == "--reconstruct":
+                assert rec["layers"] > 0 and rec["mean_relative_error_after"] < rec["mean_relative_error_before"]
+            else:
+                assert rec is None
+        trees[flag] = sb.load_branched(create_model("resnet20", 10, shortcut="B"),
+                                       tmp_path / flag / "sigmab" / "tree").state_dict()
+    same = trees["--reconstruct"].keys() == trees["--no-reconstruct"].keys()
+    assert same and any(not torch.equal(v, trees["--no-reconstruct"][k]) for k, v in trees["--reconstruct"].items())
 
 
 def test_recipe_flags_reach_the_config():
