@@ -28,7 +28,7 @@ from torch import nn
 from ._forward import run_model, using_forward_fn
 from ._split import build_graph
 from .calibrate import Data, _batches
-from .routing import RoutedModule, forward_leaf, is_branched, route, tree_state
+from .routing import RoutedModule, is_branched, tree_state
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _VARIANT = re.compile(r"\.variants\.(\d+)\.module(?=\.|$)")
@@ -162,7 +162,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, data: Data, *, ridge: float 
 def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
     state = tree_state(model)
     depth, dense_names = state.depth, {n for n, _ in dense.named_modules()}
-    leaves = torch.cat([route(model, b) for b in xs])
+    leaves = torch.cat([_run_forced(model, b, None) for b in xs])
     units = sorted(((m.level, n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule)),
                    key=lambda t: t[0])
     for level, unit_name, unit in units:
@@ -174,7 +174,7 @@ def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
             batches = _split_rows(xs, mine)
             kept = kept_channels(dense, state.spec, level, node)
             leaf = node << (depth - level)
-            run = lambda b, leaf=leaf: forward_leaf(model, b, leaf)  # noqa: E731
+            run = lambda b, leaf=leaf: _run_forced(model, b, leaf)  # noqa: E731
             for tree_name, dense_name in _node_layers(variant.module, f"{unit_name}.variants.{node}.module", run,
                                                       batches[0], dense_names):
                 k_out, k_in = kept.get(dense_name, (None, None))
@@ -192,6 +192,21 @@ def _refit_static(model, dense, xs, _min_samples, fit, report) -> None:
         kept = match_channels(t_mod.weight, d_mod.weight)
         if kept is not None:  # None: a layer that is not a channel selection of its dense one
             fit(name, t_mod, d_mod, kept[0], xs, run)
+
+
+def _run_forced(model: nn.Module, x: torch.Tensor, leaf) -> torch.Tensor:
+    """Hard routing through ``run_model`` (so a ``forward_fn`` applies), down ``leaf``'s path for every
+    sample, or as the routers decide (``leaf=None``); returns the leaf of every sample."""
+    state = tree_state(model)
+    saved = state.mode
+    state.mode = "hard"
+    if leaf is not None:
+        state.forced_leaves = torch.full((len(x),), leaf, dtype=torch.long, device=x.device)
+    try:
+        run_model(model, x)
+    finally:
+        state.mode, state.forced_leaves = saved, None
+    return state.last_leaves.clone()
 
 
 def _split_rows(xs: List[torch.Tensor], mine: torch.Tensor) -> List[torch.Tensor]:

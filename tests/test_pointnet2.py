@@ -215,3 +215,18 @@ def test_malformed_point_files_get_clear_errors(case, match, tmp_path):
         name = "modelnet40"
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         load_points(name, str(tmp_path / "d"), n_points=32)
+
+
+def test_reconstruct_brings_pointnet_paths_closer_to_dense():
+    # sb.reconstruct on 1x1 convolutions over grouped points (features before coordinates) and the head
+    dense = model("ssg")
+    tree = sb.branch(copy.deepcopy(dense), depth=2, keep_ratio=0.5, calib_data=CALIB, progress=False).eval()
+
+    def gap():
+        with torch.no_grad():
+            ref = dense(CALIB)
+            return sum(float(((sb.forward_leaf(tree, CALIB, j) - ref) ** 2).mean()) for j in range(4))
+    before = gap()
+    report = sb.reconstruct(tree, dense, CALIB, min_samples=8)
+    assert any(".sa2." in n or n.startswith("sa2.") for n in report["relative_error_after"])
+    assert gap() < 0.8 * before
