@@ -165,6 +165,7 @@ def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
     leaves = torch.cat([_run_forced(model, b, None) for b in xs])
     units = sorted(((m.level, n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule)),
                    key=lambda t: t[0])
+    kept_of: Dict[Tuple[int, int], dict] = {}  # (level, node) -> kept channels (one dependency graph each)
     for level, unit_name, unit in units:
         for node, variant in enumerate(unit.variants):
             mine = (leaves >> (depth - level)) == node
@@ -172,7 +173,9 @@ def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
                 mine = torch.ones_like(mine)
             report["samples"][f"{level}/{node}"] = int(mine.sum())
             batches = _split_rows(xs, mine)
-            kept = kept_channels(dense, state.spec, level, node)
+            if (level, node) not in kept_of:
+                kept_of[level, node] = kept_channels(dense, state.spec, level, node)
+            kept = kept_of[level, node]
             leaf = node << (depth - level)
             run = lambda b, leaf=leaf: _run_forced(model, b, leaf)  # noqa: E731
             for tree_name, dense_name in _node_layers(variant.module, f"{unit_name}.variants.{node}.module", run,
