@@ -8,22 +8,28 @@
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
 #   EPOCHS_R20=5 EPOCHS_R56=3 set the epochs (the report states what was used).
 #   ONLY="f0.30_s0 f0.55_s0" runs only those budget/seed pairs (the others are skipped, not deleted).
+#   RECON=1 adds --reconstruct (every pruned method refit to the dense layer outputs before fine-tuning)
+#   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 W=../shared/weights
 common=(--quiet --resume --data cifar10-jpeg --shortcut A --batch-size 64 --lr 0.01 --calib-size 512)
+suffix=""
+if [ "${RECON:-0}" = 1 ]; then common+=(--reconstruct); suffix=_recon; fi
 
 run() {  # model checkpoint epochs fraction seed methods...
   local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5
   shift 5
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" f${frac}_s${seed} "* ]]; then return 0; fi
   $PY examples/compare_baselines.py "${common[@]}" --model "$model" --checkpoint "$W/$ckpt" --epochs "$epochs" \
-    --target-fraction "$frac" --seed "$seed" --methods "$@" --out "runs/long/${model}_f${frac}_s${seed}"
+    --target-fraction "$frac" --seed "$seed" --methods "$@" --out "runs/long/${model}_f${frac}_s${seed}${suffix}"
 }
 
 both() {  # model checkpoint epochs
-  run "$1" "$2" "$3" 0.40 0 dense sigmab fpgm hrank
+  local dense=dense
+  [ -n "$suffix" ] && dense=""  # --reconstruct leaves the dense model alone: the plain run's dense row stands
+  run "$1" "$2" "$3" 0.40 0 $dense sigmab fpgm hrank
   run "$1" "$2" "$3" 0.40 1 sigmab fpgm hrank  # the second seed first: it tests the headline comparison
   run "$1" "$2" "$3" 0.30 0 sigmab fpgm hrank
   run "$1" "$2" "$3" 0.55 0 fpgm hrank
