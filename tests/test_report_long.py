@@ -28,7 +28,7 @@ def test_report_for_a_new_comparison(tmp_path):
     text = (out / "modelnet40.md").read_text()
     assert "`bash benchmarks/modelnet40.sh`" in text and "(goal <= 1.72)" in text
     assert "| sigmab | 0.4 | 0 | 0.390 | 87.00 | 85.00 | -1.00 |" in text
-    assert "scored 90.00%: SigmaB at 0.40 is -3.00 pp from it" in text
+    assert "scored 90.00%: sigmab at 0.40 is -3.00 pp from it" in text
     assert "+2.00 pp" in text and "+3.00 pp" in text  # margins over FPGM at 0.40 and 0.30
     # how the goal compares with the dense model: FPGM 85% + 2 pp = 87%, 1 pp below dense's 88%
     assert "(goal >= +2; the goal asks for 87.00%, -1.00 pp from the dense model fine-tuned the same way)" in text
@@ -36,7 +36,7 @@ def test_report_for_a_new_comparison(tmp_path):
         "shares 4/0/55/41 -> 24/28/20/27%" in text
     assert (out / "modelnet40.png").stat().st_size > 0
     summary = json.loads((out / "modelnet40.json").read_text())["summary"]["pointnet2_ssg"]
-    assert abs(summary["margins"]["0.3"]["margin_pp"] - 3.0) < 1e-9
+    assert abs(summary["margins"]["sigmab"]["0.3"]["margin_pp"] - 3.0) < 1e-9
 
 
 def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_path):
@@ -69,3 +69,23 @@ def test_prior_that_is_missing_is_refused(tmp_path):
 
     with pytest.raises(SystemExit, match="--prior .*no such report"):
         report_long.cli([str(tmp_path), str(tmp_path / "o"), "--prior", str(tmp_path / "nope.json")])
+
+
+def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any_variant(tmp_path):
+    recon = {"layers": 20, "samples": {"0": 512}}
+    for name, rows in (("m_f0.30_s0", [_row("sigmab", 0.29, 0.80), _row("fpgm", 0.29, 0.79)]),
+                       ("m_f0.30_s0_recon", [_row("sigmab", 0.29, 0.84, reconstruction=recon),
+                                             _row("fpgm", 0.29, 0.78, reconstruction=recon)])):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.3}, "rows": rows}))
+    out = tmp_path / "out"
+    report_long.main(str(tmp_path / "runs"), str(out))
+    text = (out / "long_comparison.md").read_text()
+    assert "| sigmab+recon | 0.3 | 0 | 0.290 | 84.00 |" in text and "| fpgm+recon | 0.3 | 0 | 0.290 | 78.00 |" in text
+    margins = json.loads((out / "long_comparison.json").read_text())["summary"]["pointnet2_ssg"]["margins"]
+    # never averaged across variants (that would give sigmab 82%), and the best static is plain FPGM (79%)
+    assert margins["sigmab"]["0.3"]["sigmab"] == 0.80 and margins["sigmab+recon"]["0.3"]["sigmab"] == 0.84
+    assert margins["sigmab+recon"]["0.3"]["best_static"] == "fpgm"
+    assert abs(margins["sigmab+recon"]["0.3"]["margin_pp"] - 5.0) < 1e-9
+    assert "- At 0.3 active: sigmab+recon 84.00% vs best static (fpgm) 79.00%: **+5.00 pp**" in text
