@@ -8,6 +8,8 @@
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
 #   EPOCHS_R20=5 EPOCHS_R56=3 set the epochs (the report states what was used).
 #   ONLY="f0.30_s0 f0.55_s0" runs only those budget/seed pairs (the others are skipped, not deleted).
+#   METHODS="sigmab fpgm" runs only those methods of each run (a later run without it resumes the rest into
+#   the same folder; its results.json then holds every method).
 #   RECON=1 adds --reconstruct (every pruned method refit to the dense layer outputs before fine-tuning)
 #   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
 set -euo pipefail
@@ -22,8 +24,13 @@ run() {  # model checkpoint epochs fraction seed methods...
   local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5
   shift 5
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" f${frac}_s${seed} "* ]]; then return 0; fi
+  local methods=() m
+  for m in "$@"; do
+    if [ -z "${METHODS:-}" ] || [[ " $METHODS " == *" $m "* ]]; then methods+=("$m"); fi
+  done
+  [ ${#methods[@]} -gt 0 ] || return 0
   $PY examples/compare_baselines.py "${common[@]}" --model "$model" --checkpoint "$W/$ckpt" --epochs "$epochs" \
-    --target-fraction "$frac" --seed "$seed" --methods "$@" --out "runs/long/${model}_f${frac}_s${seed}${suffix}"
+    --target-fraction "$frac" --seed "$seed" --methods "${methods[@]}" --out "runs/long/${model}_f${frac}_s${seed}${suffix}"
 }
 
 both() {  # model checkpoint epochs

@@ -31,7 +31,7 @@ from .calibrate import Data, _batches
 from .routing import RoutedModule, is_branched, tree_state
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_VARIANT = re.compile(r"\.variants\.(\d+)\.module(?=\.|$)")
+_VARIANT = re.compile(r"\.variants\.\d+\.module(?=\.|$)")
 
 
 def kept_channels(dense: nn.Module, spec: dict, level: int, node: int) -> Dict[str, Tuple[List[int], List[int]]]:
