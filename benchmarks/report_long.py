@@ -58,8 +58,8 @@ def provenance(rows: List[dict]) -> List[str]:
     return [f"- {', '.join(sorted(runs))}: {src}." for src, runs in sorted(by.items())]
 
 
-def _mean_top1(rows: List[dict], name: str, target: float) -> Optional[float]:
-    vals = [r["top1"] for r in rows if r["variant"] == name and r["target"] == target]
+def _mean_top1(rows: List[dict], name: str, target: float, key: str = "top1") -> Optional[float]:
+    vals = [r[key] for r in rows if r["variant"] == name and r["target"] == target]
     return mean(vals) if vals else None
 
 
@@ -86,8 +86,11 @@ def summarize(rows: List[dict]) -> dict:
              "train_images": mr[0]["train_images"], "test_images": mr[0]["test_images"]}
         # every tree variant against the best static method of any variant (the fairest reading for the statics)
         statics = sorted({r["variant"] for r in mr if r["method"] in STATIC})
-        static55 = max([_mean_top1(mr, m, 0.55) or 0.0 for m in statics] or [0.0])
+        static55, static55_name = max([(_mean_top1(mr, m, 0.55) or 0.0, m) for m in statics] or [(0.0, None)])
         s["static_top1_at_0.55"] = static55 or None
+        # the reduction is read between measured active fractions, not budgets (FPGM at 0.55 keeps ~0.53)
+        s["static_active_at_0.55"] = _mean_top1(mr, static55_name, 0.55, "active_fraction") if static55 else None
+        s["static_at_0.55"] = static55_name if static55 else None
         s["sigmab_fraction_at_static_0.55"] = {}
         for tree in sorted({r["variant"] for r in mr if r["method"] == "sigmab"}):
             targets = sorted({r["target"] for r in mr if r["variant"] == tree})
@@ -97,7 +100,7 @@ def summarize(rows: List[dict]) -> dict:
                 best = max([(_mean_top1(mr, m, target) or 0.0, m) for m in statics] or [(0.0, "none")])
                 s["margins"][tree][str(target)] = {"sigmab": sig, "best_static": best[1], "best_static_top1": best[0],
                                                    "margin_pp": 100 * (sig - best[0])}
-            points = {t: _mean_top1(mr, tree, t) for t in targets}
+            points = {_mean_top1(mr, tree, t, "active_fraction"): _mean_top1(mr, tree, t) for t in targets}
             s["sigmab_fraction_at_static_0.55"][tree] = fraction_at(points, static55) if static55 else None
         trees = [r for r in mr if r["method"] == "sigmab"]
         s["conditional_gain_pp"] = {r["run"]: 100 * r["conditional_gain"] for r in trees if "conditional_gain" in r}
@@ -197,9 +200,11 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
                                  f"{100 * (margins['0.4']['sigmab'] - pre):+.2f} pp from it.")
             fa = s["sigmab_fraction_at_static_0.55"].get(tree)
             if fa:
-                lines.append(f"- The best static method reaches {100 * s['static_top1_at_0.55']:.2f}% at 0.55 active; "
-                             f"{tree} needs {fa[0]:.3f}{' (extrapolated)' if fa[1] else ''}: {100 * (0.55 - fa[0]):.1f} "
-                             "pp more reduction (goal: <= 0.41 active, >= 14 pp).")
+                act = s["static_active_at_0.55"]
+                lines.append(f"- The best static method at the 0.55 budget ({s['static_at_0.55']}) reaches "
+                             f"{100 * s['static_top1_at_0.55']:.2f}% at {act:.3f} active; {tree} needs {fa[0]:.3f}"
+                             f"{' (extrapolated)' if fa[1] else ''}: {100 * (act - fa[0]):.1f} pp more reduction "
+                             "(goal: <= 0.41 active, >= 14 pp).")
         for run, g in s["conditional_gain_pp"].items():
             lines.append(f"- Tree {run}: conditional gain {g:+.2f} pp (goal >= 2), smallest leaf share "
                          f"{100 * s['min_leaf_share'][run]:.0f}% (goal >= 10%).")

@@ -89,3 +89,20 @@ def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any
     assert margins["sigmab+recon"]["0.3"]["best_static"] == "fpgm"
     assert abs(margins["sigmab+recon"]["0.3"]["margin_pp"] - 5.0) < 1e-9
     assert "- At 0.3 active: sigmab+recon 84.00% vs best static (fpgm) 79.00%: **+5.00 pp**" in text
+
+
+def test_reduction_at_matched_top1_is_read_between_measured_active_fractions(tmp_path):
+    runs = {0.3: [_row("sigmab", 0.29, 0.80)], 0.4: [_row("sigmab", 0.39, 0.82), _row("fpgm", 0.39, 0.81)],
+            0.55: [_row("fpgm", 0.53, 0.83), _row("hrank", 0.54, 0.825)]}
+    for frac, rows in runs.items():
+        d = tmp_path / "runs" / f"m_f{frac:.2f}_s0"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": frac}, "rows": rows}))
+    out = tmp_path / "out"
+    report_long.main(str(tmp_path / "runs"), str(out))
+    # SigmaB: 80% at 0.29, 82% at 0.39 -> 83% at 0.44 (extrapolated); FPGM reached 83% at 0.53, not at the 0.55 budget
+    summary = json.loads((out / "long_comparison.json").read_text())["summary"]["pointnet2_ssg"]
+    frac, extrapolated = summary["sigmab_fraction_at_static_0.55"]["sigmab"]
+    assert abs(frac - 0.44) < 1e-9 and extrapolated
+    assert "(fpgm) reaches 83.00% at 0.530 active; sigmab needs 0.440 (extrapolated): 9.0 pp more reduction" in \
+        (out / "long_comparison.md").read_text()
