@@ -51,7 +51,9 @@ VARIANTS = {
     "nocover_decisive05": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=0.5), True),
     "nocover_decisive2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=2.0), True),
     # least-squares refit of every pruned layer to the dense one on the node's calibration samples (sb.reconstruct)
-    "nocover_recon": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, reconstruct=True), True),
+    "nocover_recon": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, reconstruct={"keep_scale": False}), True),
+    # the same, with each refit layer's weight norms restored where a BatchNorm reads it (same function)
+    "nocover_recon_ks": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, reconstruct={}), True),
     # where the tree splits: later routers read more semantic features (linear probes of the dense
     # ResNet-20's pooled layer1 / layer2 / layer3 outputs predict the class at 43 / 58 / 88 %:
     # benchmarks/probe_split_features.py)
@@ -68,7 +70,8 @@ VARIANTS = {
                        dict(balance_weight=2.0, route_weight=1.0, distill_paths="weighted"), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
-    "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct=True), True),
+    "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={"keep_scale": False}), True),
+    "fpgm_kd_recon_ks": ("fpgm", {}, dict(reconstruct={}), True),
     "hrank_kd": ("hrank", {}, {}, True),
 }
 
@@ -168,7 +171,8 @@ def main(argv=None) -> None:
             model = get_method(method).prepare(run)
         ftopts = dict(ftopts)
         route_weight = ftopts.pop("route_weight", 0.0)
-        reconstruction = sb.reconstruct(model, dense, calib) if ftopts.pop("reconstruct", False) else None
+        recon = ftopts.pop("reconstruct", None)  # None: no refit; a dict: sb.reconstruct's keyword arguments
+        reconstruction = None if recon is None else sb.reconstruct(model, dense, calib, **recon)
         top1_before = evaluate(model, *val, data.normalize)["top1"]
         cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                                        progress=False, distill_weight=1.0 if distill else 0.0), **ftopts})
