@@ -70,6 +70,7 @@ class HarnessConfig:
 
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     cfg.validate()
+    started = machine()  # the commit whose code runs: a long run can end after later commits
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
             t0 = time.perf_counter()
             rep = sb.reconstruct(model, dense, calib)
             errs = rep["relative_error_before"], rep["relative_error_after"]
-            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"],
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "rescaled": len(rep["rescaled"]),
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0
@@ -182,13 +183,15 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     for r in rows:
         r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])
         r["dense_reference_top1"] = reference
-    write_outputs(rows, cfg, out)
+    write_outputs(rows, cfg, out, started)
     return rows
 
 
-def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path) -> None:
+def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path, started: Optional[dict] = None) -> None:
+    """results.json (with ``started``, the machine and commit at the start of the run), results.csv and the plot."""
     cfg_dict = asdict(cfg)
-    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "machine": machine(), "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "machine": started or machine(), "rows": rows},
+                                                 indent=1))
     cols = ["method", "stored_params", "active_params", "active_fraction", "top1", "delta_vs_dense_pp",
             "top1_before_finetune", "latency_ms_b1", "latency_ratio_b1", "budget", "keep_ratio", "leaf_histogram",
             "train_images_per_second"]

@@ -30,7 +30,9 @@ def _commit() -> str:
     if os.environ.get("SIGMAB_COMMIT"):  # a copy without .git (e.g. a lent GPU machine)
         return os.environ["SIGMAB_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode == 1
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if dirty else "")  # tracked files changed since the commit ran too

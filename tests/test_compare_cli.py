@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sigmab_plugin as sb
+from sigmab_plugin.baselines import provenance
 from sigmab_plugin.baselines.models import create_model
 from conftest import modules_run
 
@@ -22,7 +23,15 @@ TINY = ["--quiet", "--epochs", "1", "--pretrain-epochs", "1", "--train-limit", "
         "--calib-size", "64", "--batch-size", "64"]
 
 
-def test_runs_end_to_end_and_records_one_budget(tmp_path, capsys):
+def test_runs_end_to_end_and_records_one_budget(tmp_path, capsys, monkeypatch):
+    from sigmab_plugin.baselines import harness
+
+    calls = []  # machine() as the harness sees it, numbered: results.json must hold the run's start
+
+    def numbered():
+        calls.append(len(calls))
+        return {**provenance.machine(), "call": calls[-1]}
+    monkeypatch.setattr(harness, "machine", numbered)
     rows = cli.main(TINY + ["--out", str(tmp_path)])
     table = capsys.readouterr().out
     methods = ["dense", "sigmab", "fpgm", "hrank", "fpgm_nni"]
@@ -35,6 +44,7 @@ def test_runs_end_to_end_and_records_one_budget(tmp_path, capsys):
         assert [r["method"] for r in csv.DictReader(fh)] == methods
     recorded = json.loads((tmp_path / "results.json").read_text())["machine"]  # where the numbers came from
     assert recorded["commit"] and recorded["torch"] == torch.__version__ and recorded["date"].endswith("UTC")
+    assert recorded["call"] == 0  # the commit whose code ran, not the one checked out when the run ended
     # every method got the same fine-tuning budget, data and seed ...
     for key in ("finetune", "train_images", "test_images", "seed", "data", "model"):
         assert len({json.dumps(r[key], sort_keys=True) for r in rows}) == 1, key
@@ -99,6 +109,7 @@ def test_reconstruct_flag_reaches_the_saved_tree(tmp_path):
             rec = row["reconstruction"]
             if flag == "--reconstruct":
                 assert rec["layers"] > 0 and rec["mean_relative_error_after"] < rec["mean_relative_error_before"]
+                assert 0 < rec["rescaled"] < rec["layers"]  # BatchNorm-fed layers kept their scale; the classifier not
             else:
                 assert rec is None
         trees[flag] = sb.load_branched(create_model("resnet20", 10, shortcut="B"),
