@@ -124,7 +124,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
             t0 = time.perf_counter()
             rep = sb.reconstruct(model, dense, calib)
             errs = rep["relative_error_before"], rep["relative_error_after"]
-            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "rescaled": len(rep["rescaled"]),
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"],
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0

@@ -8,12 +8,6 @@ refit by ridge regression so that ``layer(x_node) ~= dense_layer(x_dense)[kept_o
 what the node's layer really receives (earlier layers already refit) and ``x_dense`` what the dense layer
 receives on the same samples. The ridge pulls towards the current weights, so a node with few samples
 moves little. Only weight values change: shapes, routers, the spec and save/load are untouched.
-
-The fit grows the weights (kept channels stand in for the removed ones: 1.1-2x per conv on a
-ResNet-20 at 0.30 active). Where a BatchNorm reads the layer's output, that scale is not needed, and it
-slows fine-tuning: the effective learning rate of a weight followed by BatchNorm falls as 1/||w||^2.
-``keep_scale=True`` (default) therefore gives each such output channel its norm from before the fit
-back and rescales the BatchNorm's running mean and variance with it, which leaves the function as it was.
 A statically pruned model (FPGM, HRank, any Torch-Pruning result) is refit the same way on all samples,
 so a comparison can give every method the same step.
 
@@ -129,18 +123,15 @@ def _fittable(mod: nn.Module) -> bool:
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, dense: nn.Module, data: Data, *, ridge: float = 1e-2, max_rows: int = 65536,
-                min_samples: int = 64, batch_size: int = 128, forward_fn=None, seed: int = 0,
-                keep_scale: bool = True) -> dict:
+                min_samples: int = 64, batch_size: int = 128, forward_fn=None, seed: int = 0) -> dict:
     """Refit the pruned layers of ``model`` to ``dense`` (its copy from before pruning) on ``data``
     (inputs, or batches of them). A branched ``model`` is refit node by node from the root down, each
     node on the samples hard routing sends it (all samples when fewer than ``min_samples``); a
     statically pruned one (FPGM, HRank, any Torch-Pruning result) on all samples, its kept channels
     found by matching its weights to the dense ones. ``ridge`` (> 0) scales the pull towards the current
     weights, relative to the mean input energy; ``max_rows`` caps the regression rows per layer (output
-    positions, sampled with ``seed``). ``keep_scale`` restores the per-channel weight norms of layers
-    that feed a BatchNorm (see the module notes; the outputs do not change). Returns the per-layer
-    relative errors ``||y_dense - layer(x)||^2 / ||y_dense||^2`` before and after, the samples per node
-    and ``rescaled``, the layers whose scale was restored."""
+    positions, sampled with ``seed``). Returns the per-layer relative errors
+    ``||y_dense - layer(x)||^2 / ||y_dense||^2`` before and after, and the samples per node."""
     if not ridge > 0:
         raise ValueError(f"ridge={ridge!r} must be > 0 (e.g. 1e-2): it keeps every fit well posed")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
@@ -153,19 +144,15 @@ def reconstruct(model: nn.Module, dense: nn.Module, data: Data, *, ridge: float 
     was = (model.training, dense.training)
     model.eval()
     dense.eval()
-    report = {"relative_error_before": {}, "relative_error_after": {}, "samples": {}, "rescaled": []}
+    report = {"relative_error_before": {}, "relative_error_after": {}, "samples": {}}
     gen = torch.Generator().manual_seed(seed)
-    norms: Dict[str, torch.Tensor] = {}  # per-output-channel weight norms before the fit
 
     def fit(name, t_mod, d_mod, k_out, batches, run):
-        norms[name] = _channel_norms(t_mod)
         before, after = _fit(dense, t_mod, d_mod, k_out, batches, run, ridge, max_rows, gen)
         report["relative_error_before"][name], report["relative_error_after"][name] = before, after
     try:
         with using_forward_fn(forward_fn):
             (_refit_tree if is_branched(model) else _refit_static)(model, dense, xs, min_samples, fit, report)
-            if keep_scale:
-                report["rescaled"] = _restore_scale(model, norms, xs[0][:2])
     finally:
         model.train(was[0])
         dense.train(was[1])
@@ -208,57 +195,6 @@ def _refit_static(model, dense, xs, _min_samples, fit, report) -> None:
         kept = match_channels(t_mod.weight, d_mod.weight)
         if kept is not None:  # None: a layer that is not a channel selection of its dense one
             fit(name, t_mod, d_mod, kept[0], xs, run)
-
-
-def _channel_norms(mod: nn.Module) -> torch.Tensor:
-    return mod.weight.detach().reshape(mod.weight.shape[0], -1).norm(dim=1).clone()
-
-
-def _bn_readers(model: nn.Module, x: torch.Tensor) -> Dict[str, nn.Module]:
-    """{layer name: the BatchNorm that reads exactly that layer's output}, seen on every path of a tree."""
-    names = {m: n for n, m in model.named_modules()}
-    made: Dict[int, Tuple[str, torch.Tensor]] = {}
-    found: Dict[str, nn.Module] = {}
-
-    def wrote(mod, _inp, out):
-        made[id(out)] = (names[mod], out)  # keeps the tensor alive, so its id is not reused in this pass
-
-    def read(mod, inp, _out):
-        hit = made.get(id(inp[0]))
-        if hit is not None and hit[1] is inp[0]:
-            found[hit[0]] = mod
-    handles = [m.register_forward_hook(wrote) for m in names if isinstance(m, _LAYERS)]
-    handles += [m.register_forward_hook(read) for m in names if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        if is_branched(model):
-            for leaf in range(2 ** tree_state(model).depth):
-                _run_forced(model, x, leaf)
-        else:
-            run_model(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
-def _restore_scale(model: nn.Module, norms: Dict[str, torch.Tensor], x: torch.Tensor) -> List[str]:
-    """Scale each refit layer's output channel c back to its norm from before the fit, and the
-    BatchNorm that reads it (running mean by c, variance by c^2): the same function, the old scale."""
-    readers, done = _bn_readers(model, x), []
-    for name, old in norms.items():
-        bn = readers.get(name)
-        if bn is None or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        mod = model.get_submodule(name)
-        c = (old.to(mod.weight.device) / _channel_norms(mod).clamp_min(1e-12)).to(mod.weight.dtype)
-        c = torch.where(old > 0, c, torch.ones_like(c))
-        mod.weight.mul_(c.reshape(-1, *[1] * (mod.weight.dim() - 1)))
-        if mod.bias is not None:
-            mod.bias.mul_(c)
-        bn.running_mean.mul_(c.to(bn.running_mean.dtype))
-        bn.running_var.mul_((c ** 2).to(bn.running_var.dtype))
-        done.append(name)
-    return done
 
 
 def _run_forced(model: nn.Module, x: torch.Tensor, leaf) -> torch.Tensor:
