@@ -56,6 +56,7 @@ class HarnessConfig:
     resume: bool = False  # continue each method from its checkpoint in out_dir/<method>
     calibrate_routing: bool = False  # SigmaB: after fine-tuning, hard routing given each leaf its training mass
     reconstruct: bool = False  # every pruned method: before fine-tuning, refit its pruned layers to the dense ones
+    reconstruct_ridge: float = 1e-2  # sb.reconstruct's pull towards the pruned weights (1.0: a less exact fit)
 
     def validate(self) -> None:
         known = available_methods()
@@ -64,6 +65,8 @@ class HarnessConfig:
             raise ValueError(f"unknown method(s) {bad}; choose from {known}")
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"keep_ratio={self.keep_ratio} must lie in (0, 1]")
+        if not self.reconstruct_ridge > 0:
+            raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be > 0 (e.g. 0.01 or 1.0)")
         if self.target_fraction is not None and not 0 < self.target_fraction < 1:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
 
@@ -122,9 +125,9 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         reconstruction = None
         if cfg.reconstruct and name != "dense":  # every pruned model, on the calibration inputs that built the tree
             t0 = time.perf_counter()
-            rep = sb.reconstruct(model, dense, calib)
+            rep = sb.reconstruct(model, dense, calib, ridge=cfg.reconstruct_ridge)
             errs = rep["relative_error_before"], rep["relative_error_after"]
-            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"],
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "ridge": cfg.reconstruct_ridge,
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0

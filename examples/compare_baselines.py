@@ -70,6 +70,9 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=False,
                     help="every pruned method: before fine-tuning, refit its pruned layers to the dense layers by "
                          "least squares on the calibration inputs (sigmab_plugin.reconstruct; per node for SigmaB)")
+    ap.add_argument("--reconstruct-ridge", type=float, default=1e-2,
+                    help="with --reconstruct: the ridge's pull towards the pruned weights, relative to the input "
+                         "energy (0.01: close fit; 1.0: looser, measured better for FPGM, benchmarks/results/ablate_recon.md)")
     ap.add_argument("--resume", action="store_true", help="continue each method from its checkpoint in --out")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
@@ -100,7 +103,8 @@ def parse(argv=None) -> tuple:
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
-                        resume=a.resume, calibrate_routing=a.calibrate_routing, reconstruct=a.reconstruct, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        resume=a.resume, calibrate_routing=a.calibrate_routing, reconstruct=a.reconstruct,
+                        reconstruct_ridge=a.reconstruct_ridge, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                         model_kwargs={} if a.width is None else {"width": a.width})
     return cfg, a.sweep
 

@@ -101,18 +101,24 @@ def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     assert moved or cal["leaf_share_before"] == cal["leaf_share_after"]  # the offsets were saved with the tree
 
 
-def test_reconstruct_flag_reaches_the_saved_tree(tmp_path):
+def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):
+    ridges = []  # what sb.reconstruct was called with, per pruned model
+    real = sb.reconstruct
+    monkeypatch.setattr(sb, "reconstruct", lambda *a, **k: (ridges.append(k.get("ridge")), real(*a, **k))[1])
     trees = {}
     for flag in ("--reconstruct", "--no-reconstruct"):
-        rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag)])
+        rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag),
+                                "--reconstruct-ridge", "0.5"])
         for row in rows:  # the tree and the statically pruned model get the same step
             rec = row["reconstruction"]
             if flag == "--reconstruct":
                 assert rec["layers"] > 0 and rec["mean_relative_error_after"] < rec["mean_relative_error_before"]
+                assert rec["ridge"] == 0.5
             else:
                 assert rec is None
         trees[flag] = sb.load_branched(create_model("resnet20", 10, shortcut="B"),
                                        tmp_path / flag / "sigmab" / "tree").state_dict()
+    assert ridges == [0.5, 0.5]  # the ridge reached both refits, and nothing was refit without the flag
     same = trees["--reconstruct"].keys() == trees["--no-reconstruct"].keys()
     assert same and any(not torch.equal(v, trees["--no-reconstruct"][k]) for k, v in trees["--reconstruct"].items())
 
@@ -126,7 +132,9 @@ def test_recipe_flags_reach_the_config():
     assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
     assert cfg.coverage and cfg.resume and cfg.calibrate_routing and ft.loss().decisive_weight == 0.3
+    assert cli.parse(TINY + ["--reconstruct-ridge", "1.0"])[0].reconstruct_ridge == 1.0
     default, _ = cli.parse(TINY)
+    assert default.reconstruct_ridge == 0.01 and not default.reconstruct
     assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
     assert default.device == ("cuda" if torch.cuda.is_available() else "cpu") and default.model_kwargs == {}
     points, _ = cli.parse(TINY + ["--device", "meta", "--data", "modelnet40", "--model", "pointnet2_ssg",
@@ -138,6 +146,7 @@ def test_recipe_flags_reach_the_config():
     (["--methods", "magic"], "unknown method"),
     (["--keep-ratio", "1.5"], "keep ratio 1.5"),
     (["--data", "mnist"], "invalid choice"),
+    (["--reconstruct", "--reconstruct-ridge", "0"], "reconstruct_ridge=0.0 must be > 0"),
 ])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
