@@ -25,8 +25,13 @@ STATIC = ("fpgm", "hrank")
 
 def variant(r: dict) -> str:
     """The method as the report names it: "+recon" marks a model refit by ``sb.reconstruct`` before fine-tuning
-    (harness --reconstruct), so those rows are compared beside the plain ones, never averaged with them."""
-    return r["method"] + ("+recon" if r.get("reconstruction") else "")
+    (harness --reconstruct), so those rows are compared beside the plain ones, never averaged with them; a
+    ridge other than the default 0.01 is named ("+recon@1")."""
+    rec = r.get("reconstruction")
+    if not rec:
+        return r["method"]
+    ridge = rec.get("ridge", 0.01)
+    return r["method"] + "+recon" + ("" if ridge == 0.01 else f"@{ridge:g}")
 
 
 def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:

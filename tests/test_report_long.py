@@ -75,7 +75,8 @@ def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any
     recon = {"layers": 20, "samples": {"0": 512}}
     for name, rows in (("m_f0.30_s0", [_row("sigmab", 0.29, 0.80), _row("fpgm", 0.29, 0.79)]),
                        ("m_f0.30_s0_recon", [_row("sigmab", 0.29, 0.84, reconstruction=recon),
-                                             _row("fpgm", 0.29, 0.78, reconstruction=recon)])):
+                                             _row("fpgm", 0.29, 0.78, reconstruction=recon)]),
+                       ("m_f0.30_s0_recon1", [_row("fpgm", 0.29, 0.785, reconstruction={**recon, "ridge": 1.0})])):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.3}, "rows": rows}))
@@ -83,6 +84,7 @@ def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any
     report_long.main(str(tmp_path / "runs"), str(out))
     text = (out / "long_comparison.md").read_text()
     assert "| sigmab+recon | 0.3 | 0 | 0.290 | 84.00 |" in text and "| fpgm+recon | 0.3 | 0 | 0.290 | 78.00 |" in text
+    assert "| fpgm+recon@1 | 0.3 | 0 | 0.290 | 78.50 |" in text  # another ridge: another recipe, not averaged
     margins = json.loads((out / "long_comparison.json").read_text())["summary"]["pointnet2_ssg"]["margins"]
     # never averaged across variants (that would give sigmab 82%), and the best static is plain FPGM (79%)
     assert margins["sigmab"]["0.3"]["sigmab"] == 0.80 and margins["sigmab+recon"]["0.3"]["sigmab"] == 0.84
