@@ -50,4 +50,5 @@ report() {  # rows of runs whose directories are gone come from the committed re
   $PY -m benchmarks.report_long runs/long benchmarks/results "${prior[@]}"
 }
 
-for part in ${@:-r20 r56 report}; do "$part"; done
+# exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
+for part in ${@:-r20 r56 report}; do "$part"; done; exit

@@ -46,4 +46,5 @@ report() {  # rows of runs whose folders are gone come from the committed report
   $PY -m benchmarks.report_long "$OUT/runs" "$RESULTS" modelnet40 benchmarks/modelnet40.sh 1.72 "${prior[@]}"
 }
 
-for part in ${@:-pretrain compare report}; do "$part"; done
+# exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
+for part in ${@:-pretrain compare report}; do "$part"; done; exit

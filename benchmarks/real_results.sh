@@ -35,4 +35,4 @@ report() { $PY -m benchmarks.report_real runs/real benchmarks/results; }
 
 for part in "${@:-tiny report}"; do
   for p in $part; do "$p"; done
-done
+done; exit  # read with the loop: an edit to this file during a long run cannot run stray lines
