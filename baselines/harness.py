@@ -190,10 +190,10 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     return rows
 
 
-def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path, started: Optional[dict] = None) -> None:
+def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path, started: dict) -> None:
     """results.json (with ``started``, the machine and commit at the start of the run), results.csv and the plot."""
     cfg_dict = asdict(cfg)
-    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "machine": started or machine(), "rows": rows},
+    (out / "results.json").write_text(json.dumps({"config": cfg_dict, "machine": started, "rows": rows},
                                                  indent=1))
     cols = ["method", "stored_params", "active_params", "active_fraction", "top1", "delta_vs_dense_pp",
             "top1_before_finetune", "latency_ms_b1", "latency_ratio_b1", "budget", "keep_ratio", "leaf_histogram",

@@ -19,6 +19,7 @@ from statistics import mean
 from typing import Dict, List, Optional
 
 from benchmarks.common import machine
+from sigmab_plugin.baselines.harness import HarnessConfig
 
 STATIC = ("fpgm", "hrank")
 
@@ -26,12 +27,12 @@ STATIC = ("fpgm", "hrank")
 def variant(r: dict) -> str:
     """The method as the report names it: "+recon" marks a model refit by ``sb.reconstruct`` before fine-tuning
     (harness --reconstruct), so those rows are compared beside the plain ones, never averaged with them; a
-    ridge other than the default 0.01 is named ("+recon@1")."""
+    ridge other than the harness's default is named ("+recon@1")."""
     rec = r.get("reconstruction")
     if not rec:
         return r["method"]
-    ridge = rec.get("ridge", 0.01)
-    return r["method"] + "+recon" + ("" if ridge == 0.01 else f"@{ridge:g}")
+    ridge = rec.get("ridge", 0.01)  # rows from before the ridge was recorded ran at 0.01
+    return r["method"] + "+recon" + ("" if ridge == HarnessConfig.reconstruct_ridge else f"@{ridge:g}")
 
 
 def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
@@ -63,7 +64,8 @@ def provenance(rows: List[dict]) -> List[str]:
     return [f"- {', '.join(sorted(runs))}: {src}." for src, runs in sorted(by.items())]
 
 
-def _mean_top1(rows: List[dict], name: str, target: float, key: str = "top1") -> Optional[float]:
+def _mean(rows: List[dict], name: str, target: float, key: str = "top1") -> Optional[float]:
+    """Mean of ``key`` (top-1, or the active fraction) over the rows of one variant at one budget."""
     vals = [r[key] for r in rows if r["variant"] == name and r["target"] == target]
     return mean(vals) if vals else None
 
@@ -91,21 +93,21 @@ def summarize(rows: List[dict]) -> dict:
              "train_images": mr[0]["train_images"], "test_images": mr[0]["test_images"]}
         # every tree variant against the best static method of any variant (the fairest reading for the statics)
         statics = sorted({r["variant"] for r in mr if r["method"] in STATIC})
-        static55, static55_name = max([(_mean_top1(mr, m, 0.55) or 0.0, m) for m in statics] or [(0.0, None)])
+        static55, static55_name = max([(_mean(mr, m, 0.55) or 0.0, m) for m in statics] or [(0.0, None)])
         s["static_top1_at_0.55"] = static55 or None
         # the reduction is read between measured active fractions, not budgets (FPGM at 0.55 keeps ~0.53)
-        s["static_active_at_0.55"] = _mean_top1(mr, static55_name, 0.55, "active_fraction") if static55 else None
+        s["static_active_at_0.55"] = _mean(mr, static55_name, 0.55, "active_fraction") if static55 else None
         s["static_at_0.55"] = static55_name if static55 else None
         s["sigmab_fraction_at_static_0.55"] = {}
         for tree in sorted({r["variant"] for r in mr if r["method"] == "sigmab"}):
             targets = sorted({r["target"] for r in mr if r["variant"] == tree})
             s["margins"][tree] = {}
             for target in targets:
-                sig = _mean_top1(mr, tree, target)
-                best = max([(_mean_top1(mr, m, target) or 0.0, m) for m in statics] or [(0.0, "none")])
+                sig = _mean(mr, tree, target)
+                best = max([(_mean(mr, m, target) or 0.0, m) for m in statics] or [(0.0, "none")])
                 s["margins"][tree][str(target)] = {"sigmab": sig, "best_static": best[1], "best_static_top1": best[0],
                                                    "margin_pp": 100 * (sig - best[0])}
-            points = {_mean_top1(mr, tree, t, "active_fraction"): _mean_top1(mr, tree, t) for t in targets}
+            points = {_mean(mr, tree, t, "active_fraction"): _mean(mr, tree, t) for t in targets}
             s["sigmab_fraction_at_static_0.55"][tree] = fraction_at(points, static55) if static55 else None
         trees = [r for r in mr if r["method"] == "sigmab"]
         s["conditional_gain_pp"] = {r["run"]: 100 * r["conditional_gain"] for r in trees if "conditional_gain" in r}
