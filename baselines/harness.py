@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -57,6 +57,7 @@ class HarnessConfig:
     calibrate_routing: bool = False  # SigmaB: after fine-tuning, hard routing given each leaf its training mass
     reconstruct: bool = False  # every pruned method: before fine-tuning, refit its pruned layers to the dense ones
     reconstruct_ridge: float = 1e-2  # sb.reconstruct's pull towards the pruned weights (1.0: a less exact fit)
+    reconstruct_ridges: Dict[str, float] = field(default_factory=dict)  # per method, overriding reconstruct_ridge
 
     def validate(self) -> None:
         known = available_methods()
@@ -67,6 +68,16 @@ class HarnessConfig:
             raise ValueError(f"keep_ratio={self.keep_ratio} must lie in (0, 1]")
         if not self.reconstruct_ridge > 0:
             raise ValueError(f"reconstruct_ridge={self.reconstruct_ridge} must be > 0 (e.g. 0.01 or 1.0)")
+        for m, r in self.reconstruct_ridges.items():
+            if m not in known or m == "dense":
+                raise ValueError(f"reconstruct_ridges names {m!r}, not a pruned method; choose from "
+                                 f"{[x for x in known if x != 'dense']}")
+            if not r > 0:
+                raise ValueError(f"reconstruct_ridges[{m!r}]={r} must be > 0 (e.g. 0.01 or 1.0)")
+
+    def ridge(self, method: str) -> float:
+        """The ridge of ``method``'s refit: its own entry in ``reconstruct_ridges``, else ``reconstruct_ridge``."""
+        return self.reconstruct_ridges.get(method, self.reconstruct_ridge)
         if self.target_fraction is not None and not 0 < self.target_fraction < 1:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
 
@@ -125,9 +136,9 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         reconstruction = None
         if cfg.reconstruct and name != "dense":  # every pruned model, on the calibration inputs that built the tree
             t0 = time.perf_counter()
-            rep = sb.reconstruct(model, dense, calib, ridge=cfg.reconstruct_ridge)
+            rep = sb.reconstruct(model, dense, calib, ridge=cfg.ridge(name))
             errs = rep["relative_error_before"], rep["relative_error_after"]
-            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "ridge": cfg.reconstruct_ridge,
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "ridge": cfg.ridge(name),
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0

@@ -12,6 +12,8 @@
 #   the same folder; its results.json then holds every method).
 #   RECON=1 adds --reconstruct (every pruned method refit to the dense layer outputs before fine-tuning)
 #   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
+#   RIDGE="0.01 fpgm=1 hrank=1" (with RECON=1) passes --reconstruct-ridge: one number for every method, or
+#   METHOD=NUMBER for one; the runs go to runs/long/*_recon_<RIDGE with spaces as _>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,6 +21,11 @@ W=../shared/weights
 common=(--quiet --resume --data cifar10-jpeg --shortcut A --batch-size 64 --lr 0.01 --calib-size 512)
 suffix=""
 if [ "${RECON:-0}" = 1 ]; then common+=(--reconstruct); suffix=_recon; fi
+if [ -n "${RIDGE:-}" ]; then
+  [ -n "$suffix" ] || { echo "RIDGE=\"$RIDGE\" needs RECON=1 (it sets the refit's ridge)" >&2; exit 2; }
+  read -ra ridge <<< "$RIDGE"
+  common+=(--reconstruct-ridge "${ridge[@]}"); suffix=_recon_${RIDGE// /_}
+fi
 
 run() {  # model checkpoint epochs fraction seed methods...
   local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5

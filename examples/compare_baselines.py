@@ -70,9 +70,11 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=False,
                     help="every pruned method: before fine-tuning, refit its pruned layers to the dense layers by "
                          "least squares on the calibration inputs (sigmab_plugin.reconstruct; per node for SigmaB)")
-    ap.add_argument("--reconstruct-ridge", type=float, default=1e-2,
+    ap.add_argument("--reconstruct-ridge", nargs="+", default=["0.01"], metavar="RIDGE|METHOD=RIDGE",
                     help="with --reconstruct: the ridge's pull towards the pruned weights, relative to the input "
-                         "energy (0.01: close fit; 1.0: looser, measured better for FPGM, benchmarks/results/ablate_recon.md)")
+                         "energy (0.01: close fit; 1.0: looser). A number sets every method's; METHOD=RIDGE one "
+                         "method's, e.g. '0.01 fpgm=1 hrank=1' (each method's best on a validation split, "
+                         "benchmarks/results/ablate_recon.md)")
     ap.add_argument("--resume", action="store_true", help="continue each method from its checkpoint in --out")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--test-limit", type=int, default=None)
@@ -85,6 +87,7 @@ def parse(argv=None) -> tuple:
     bad = [m for m in a.methods if m not in available_methods()]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {available_methods()}")
+    ridge, ridges = _ridges(a.reconstruct_ridge, ap.error)
     for k in [a.keep_ratio] + (a.sweep or []):
         if not 0 < k <= 1:
             ap.error(f"keep ratio {k} must lie in (0, 1]")
@@ -104,9 +107,25 @@ def parse(argv=None) -> tuple:
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
                         resume=a.resume, calibrate_routing=a.calibrate_routing, reconstruct=a.reconstruct,
-                        reconstruct_ridge=a.reconstruct_ridge, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        reconstruct_ridge=ridge, reconstruct_ridges=ridges, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                         model_kwargs={} if a.width is None else {"width": a.width})
     return cfg, a.sweep
+
+
+def _ridges(values, error):
+    """``['0.01', 'fpgm=1']`` -> (0.01, {'fpgm': 1.0}): one number for every method, METHOD=RIDGE overrides."""
+    ridge, ridges = 1e-2, {}
+    for v in values:
+        name, _, number = v.rpartition("=")
+        try:
+            r = float(number)
+        except ValueError:
+            error(f"--reconstruct-ridge {v!r}: give a number (0.01) or METHOD=NUMBER (fpgm=1)")
+        if name:
+            ridges[name] = r
+        else:
+            ridge = r
+    return ridge, ridges
 
 
 def main(argv=None) -> list:

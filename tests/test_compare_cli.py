@@ -108,17 +108,17 @@ def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):
     trees = {}
     for flag in ("--reconstruct", "--no-reconstruct"):
         rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag),
-                                "--reconstruct-ridge", "0.5"])
-        for row in rows:  # the tree and the statically pruned model get the same step
+                                "--reconstruct-ridge", "0.5", "fpgm=0.25"])
+        for row in rows:  # the tree and the statically pruned model get the same step, each at its own ridge
             rec = row["reconstruction"]
             if flag == "--reconstruct":
                 assert rec["layers"] > 0 and rec["mean_relative_error_after"] < rec["mean_relative_error_before"]
-                assert rec["ridge"] == 0.5
+                assert rec["ridge"] == {"sigmab": 0.5, "fpgm": 0.25}[row["method"]]
             else:
                 assert rec is None
         trees[flag] = sb.load_branched(create_model("resnet20", 10, shortcut="B"),
                                        tmp_path / flag / "sigmab" / "tree").state_dict()
-    assert ridges == [0.5, 0.5]  # the ridge reached both refits, and nothing was refit without the flag
+    assert ridges == [0.5, 0.25]  # each ridge reached its refit, and nothing was refit without the flag
     same = trees["--reconstruct"].keys() == trees["--no-reconstruct"].keys()
     assert same and any(not torch.equal(v, trees["--no-reconstruct"][k]) for k, v in trees["--reconstruct"].items())
 
@@ -133,8 +133,11 @@ def test_recipe_flags_reach_the_config():
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
     assert cfg.coverage and cfg.resume and cfg.calibrate_routing and ft.loss().decisive_weight == 0.3
     assert cli.parse(TINY + ["--reconstruct-ridge", "1.0"])[0].reconstruct_ridge == 1.0
+    mixed, _ = cli.parse(TINY + ["--reconstruct-ridge", "hrank=2", "0.1", "fpgm=1e0"])
+    assert (mixed.reconstruct_ridge, mixed.reconstruct_ridges) == (0.1, {"hrank": 2.0, "fpgm": 1.0})
+    assert (mixed.ridge("sigmab"), mixed.ridge("fpgm"), mixed.ridge("hrank")) == (0.1, 1.0, 2.0)
     default, _ = cli.parse(TINY)
-    assert default.reconstruct_ridge == 0.01 and not default.reconstruct
+    assert default.reconstruct_ridge == 0.01 and default.reconstruct_ridges == {} and not default.reconstruct
     assert not default.coverage and default.finetune.distill_weight == 1.0 and default.finetune.objective == "expected"
     assert default.device == ("cuda" if torch.cuda.is_available() else "cpu") and default.model_kwargs == {}
     points, _ = cli.parse(TINY + ["--device", "meta", "--data", "modelnet40", "--model", "pointnet2_ssg",
@@ -147,6 +150,10 @@ def test_recipe_flags_reach_the_config():
     (["--keep-ratio", "1.5"], "keep ratio 1.5"),
     (["--data", "mnist"], "invalid choice"),
     (["--reconstruct", "--reconstruct-ridge", "0"], "reconstruct_ridge=0.0 must be > 0"),
+    (["--reconstruct", "--reconstruct-ridge", "fpgm=0"], "reconstruct_ridges['fpgm']=0.0 must be > 0"),
+    (["--reconstruct", "--reconstruct-ridge", "fpgm=big"], "--reconstruct-ridge 'fpgm=big': give a number"),
+    (["--reconstruct", "--reconstruct-ridge", "fpmg=1"], "reconstruct_ridges names 'fpmg', not a pruned method"),
+    (["--reconstruct", "--reconstruct-ridge", "dense=1"], "reconstruct_ridges names 'dense'"),
 ])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
