@@ -1,0 +1,46 @@
+"""benchmarks/long_comparison.sh: every environment option reaches the commands it runs (PY=echo prints them)."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commands(**env) -> list:
+    out = subprocess.run(["bash", "benchmarks/long_comparison.sh", "r20"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", **env})
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def value(cmd: list, flag: str) -> list:
+    """The words after ``flag`` up to the next option."""
+    i = cmd.index(flag) + 1
+    j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
+    return cmd[i:j]
+
+
+def test_plain_run_covers_every_budget_without_a_refit():
+    cmds = commands()
+    assert [(value(c, "--target-fraction"), value(c, "--seed")) for c in cmds] == [
+        (["0.40"], ["0"]), (["0.40"], ["1"]), (["0.30"], ["0"]), (["0.55"], ["0"])]
+    assert value(cmds[0], "--methods") == ["dense", "sigmab", "fpgm", "hrank"]
+    assert all("--reconstruct" not in c and value(c, "--epochs") == ["5"] for c in cmds)
+
+
+def test_only_methods_epochs_recon_and_ridge_reach_the_command():
+    (cmd,) = commands(ONLY="f0.30_s0", METHODS="fpgm sigmab", EPOCHS_R20="4", RECON="1", RIDGE="0.01 fpgm=1")
+    assert value(cmd, "--methods") == ["sigmab", "fpgm"] and value(cmd, "--epochs") == ["4"]
+    assert "--reconstruct" in cmd and value(cmd, "--reconstruct-ridge") == ["0.01", "fpgm=1"]
+    assert value(cmd, "--out") == ["runs/long/resnet20_f0.30_s0_recon_0.01_fpgm=1"]
+    (plain,) = commands(ONLY="f0.40_s1", RECON="1")  # the refit's own folder, and no dense model
+    assert value(plain, "--out") == ["runs/long/resnet20_f0.40_s1_recon"] and "dense" not in plain
+
+
+@pytest.mark.parametrize("env", [{"RIDGE": "1"}, {"RECON": "0", "RIDGE": "1"}])
+def test_ridge_without_refit_is_refused(env):
+    out = subprocess.run(["bash", "benchmarks/long_comparison.sh", "r20"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", **env})
+    assert out.returncode == 2 and "needs RECON=1" in out.stderr and not out.stdout
