@@ -74,12 +74,12 @@ class HarnessConfig:
                                  f"{[x for x in known if x != 'dense']}")
             if not r > 0:
                 raise ValueError(f"reconstruct_ridges[{m!r}]={r} must be > 0 (e.g. 0.01 or 1.0)")
+        if self.target_fraction is not None and not 0 < self.target_fraction < 1:
+            raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
 
     def ridge(self, method: str) -> float:
         """The ridge of ``method``'s refit: its own entry in ``reconstruct_ridges``, else ``reconstruct_ridge``."""
         return self.reconstruct_ridges.get(method, self.reconstruct_ridge)
-        if self.target_fraction is not None and not 0 < self.target_fraction < 1:
-            raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
 
 
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:

@@ -70,7 +70,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=False,
                     help="every pruned method: before fine-tuning, refit its pruned layers to the dense layers by "
                          "least squares on the calibration inputs (sigmab_plugin.reconstruct; per node for SigmaB)")
-    ap.add_argument("--reconstruct-ridge", nargs="+", default=["0.01"], metavar="RIDGE|METHOD=RIDGE",
+    ap.add_argument("--reconstruct-ridge", nargs="+", default=[], metavar="RIDGE|METHOD=RIDGE",
                     help="with --reconstruct: the ridge's pull towards the pruned weights, relative to the input "
                          "energy (0.01: close fit; 1.0: looser). A number sets every method's; METHOD=RIDGE one "
                          "method's, e.g. '0.01 fpgm=1 hrank=1' (each method's best on a validation split, "
@@ -114,7 +114,7 @@ def parse(argv=None) -> tuple:
 
 def _ridges(values, error):
     """``['0.01', 'fpgm=1']`` -> (0.01, {'fpgm': 1.0}): one number for every method, METHOD=RIDGE overrides."""
-    ridge, ridges = 1e-2, {}
+    ridge, ridges = HarnessConfig.reconstruct_ridge, {}
     for v in values:
         name, _, number = v.rpartition("=")
         try:

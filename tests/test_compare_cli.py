@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import sigmab_plugin as sb
 from sigmab_plugin.baselines import provenance
+from sigmab_plugin.baselines.harness import HarnessConfig
 from sigmab_plugin.baselines.models import create_model
 from conftest import modules_run
 
@@ -143,6 +145,17 @@ def test_recipe_flags_reach_the_config():
     points, _ = cli.parse(TINY + ["--device", "meta", "--data", "modelnet40", "--model", "pointnet2_ssg",
                                   "--width", "0.25"])
     assert points.device == "meta" and points.model_kwargs == {"width": 0.25} and not points.finetune.flip
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target_fraction": 1.5}, "target_fraction=1.5 must lie in (0, 1)"),
+    ({"keep_ratio": 0.0}, "keep_ratio=0.0 must lie in (0, 1]"),
+    ({"reconstruct_ridge": -1.0}, "reconstruct_ridge=-1.0 must be > 0"),
+    ({"reconstruct_ridges": {"hrank": float("nan")}}, "reconstruct_ridges['hrank']=nan must be > 0"),
+])
+def test_harness_config_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        HarnessConfig(**kwargs).validate()
 
 
 @pytest.mark.parametrize("args,message", [
