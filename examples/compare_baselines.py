@@ -88,6 +88,8 @@ def parse(argv=None) -> tuple:
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {available_methods()}")
     ridge, ridges = _ridges(a.reconstruct_ridge, ap.error)
+    if a.reconstruct_ridge and not a.reconstruct:
+        ap.error("--reconstruct-ridge sets the ridge of --reconstruct's refit: add --reconstruct (or drop the ridge)")
     for k in [a.keep_ratio] + (a.sweep or []):
         if not 0 < k <= 1:
             ap.error(f"keep ratio {k} must lie in (0, 1]")

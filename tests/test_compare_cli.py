@@ -109,8 +109,9 @@ def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(sb, "reconstruct", lambda *a, **k: (ridges.append(k.get("ridge")), real(*a, **k))[1])
     trees = {}
     for flag in ("--reconstruct", "--no-reconstruct"):
-        rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag),
-                                "--reconstruct-ridge", "0.5", "fpgm=0.25"])
+        ridge = ["--reconstruct-ridge", "0.5", "fpgm=0.25"] if flag == "--reconstruct" else []
+        rows = cli.main(TINY + ["--methods", "sigmab", "fpgm", flag, "--epochs", "0", "--out", str(tmp_path / flag)]
+                        + ridge)
         for row in rows:  # the tree and the statically pruned model get the same step, each at its own ridge
             rec = row["reconstruction"]
             if flag == "--reconstruct":
@@ -134,8 +135,8 @@ def test_recipe_flags_reach_the_config():
     assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
     assert cfg.coverage and cfg.resume and cfg.calibrate_routing and ft.loss().decisive_weight == 0.3
-    assert cli.parse(TINY + ["--reconstruct-ridge", "1.0"])[0].reconstruct_ridge == 1.0
-    mixed, _ = cli.parse(TINY + ["--reconstruct-ridge", "hrank=2", "0.1", "fpgm=1e0"])
+    assert cli.parse(TINY + ["--reconstruct", "--reconstruct-ridge", "1.0"])[0].reconstruct_ridge == 1.0
+    mixed, _ = cli.parse(TINY + ["--reconstruct", "--reconstruct-ridge", "hrank=2", "0.1", "fpgm=1e0"])
     assert (mixed.reconstruct_ridge, mixed.reconstruct_ridges) == (0.1, {"hrank": 2.0, "fpgm": 1.0})
     assert (mixed.ridge("sigmab"), mixed.ridge("fpgm"), mixed.ridge("hrank")) == (0.1, 1.0, 2.0)
     default, _ = cli.parse(TINY)
@@ -167,6 +168,7 @@ def test_harness_config_is_validated(kwargs, message):
     (["--reconstruct", "--reconstruct-ridge", "fpgm=big"], "--reconstruct-ridge 'fpgm=big': give a number"),
     (["--reconstruct", "--reconstruct-ridge", "fpmg=1"], "reconstruct_ridges names 'fpmg', not a pruned method"),
     (["--reconstruct", "--reconstruct-ridge", "dense=1"], "reconstruct_ridges names 'dense'"),
+    (["--reconstruct-ridge", "1"], "add --reconstruct"),  # a ridge without the refit would do nothing
 ])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
