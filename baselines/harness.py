@@ -20,6 +20,7 @@ import torch
 import sigmab_plugin as sb
 from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
 
+from ..adapters.pointnet2 import PointNet2
 from .data import load_dataset
 from .models import classifier_name, create_model
 from .provenance import machine
@@ -82,6 +83,16 @@ class HarnessConfig:
         return self.reconstruct_ridges.get(method, self.reconstruct_ridge)
 
 
+def make_teacher(dense: torch.nn.Module) -> torch.nn.Module:
+    """A frozen eval-mode copy of ``dense`` for distillation. A PointNet++ teacher does not cache its
+    grouping: it reads augmented training clouds, which never come twice, so every entry would be a miss
+    that evicts the test clouds' entries (and, on a GPU, holds device memory)."""
+    teacher = copy.deepcopy(dense).eval().requires_grad_(False)
+    if isinstance(teacher, PointNet2):
+        teacher.cache = False
+    return teacher
+
+
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     cfg.validate()
     started = machine()  # the commit whose code runs: a long run can end after later commits
@@ -123,9 +134,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     budget = run.budget
     log(f"dense {dense_params:,} params, top-1 {reference:.4f}; budget {budget:,} active params "
         f"({budget / dense_params:.3f})")
-    teacher = None
-    if ft.distill_weight > 0:  # every method distils from the same frozen dense reference
-        teacher = copy.deepcopy(dense).eval().requires_grad_(False)
+    teacher = make_teacher(dense) if ft.distill_weight > 0 else None  # every method distils from the same one
     rows, trained = [], {}
     for name in cfg.methods:
         method = get_method(name)

@@ -35,6 +35,11 @@ def variant(r: dict) -> str:
     return r["method"] + "+recon" + ("" if ridge == HarnessConfig.reconstruct_ridge else f"@{ridge:g}")
 
 
+def command(script: str) -> str:
+    """How ``script`` is run: ``bash x.sh`` for a shell script, ``python -m a.b`` for a Python module."""
+    return f"python -m {script[:-3].replace('/', '.')}" if script.endswith(".py") else f"bash {script}"
+
+
 def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
     rows = []
     for f in sorted(runs.glob("*/results.json")):
@@ -172,8 +177,9 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
     summary = summarize(rows)
     m = machine()
     lines = [f"# SigmaB vs FPGM and HRank: {stem.replace('_', ' ')}", "",
-             f"Generated {m['date']} by `bash {script}` then `python -m benchmarks.report_long` "
-             f"(commit {m['commit']}) on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, no GPU.", "",
+             f"Generated {m['date']} by `{command(script)}` then `python -m benchmarks.report_long` "
+             f"(commit {m['commit']}) on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+             f"{m.get('gpu') or 'no GPU'}.", "",
              "Every method starts from the same pretrained dense model and gets the same fine-tuning: the full "
              "training set, the same epochs, SGD schedule, augmentation, seed and distillation from the dense model "
              "(weight 1, T 4); SigmaB uses the recipe chosen on a validation split "

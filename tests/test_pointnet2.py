@@ -95,6 +95,22 @@ def test_cached_and_on_the_fly_grouping_agree_and_eval_is_deterministic():
         _close(fresh_tree(X), tree(X))
 
 
+def test_harness_teacher_reads_augmented_clouds_without_filling_the_cache():
+    from sigmab_plugin.baselines.harness import make_teacher
+    dense = model("ssg")
+    teacher = make_teacher(dense)
+    pn.CACHE.store.clear()
+    with torch.no_grad():
+        out = teacher(X)
+    assert len(pn.CACHE.store) == 0 and teacher.cache is False and dense.cache is True
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        assert torch.equal(out, dense(X))  # the same outputs as the cached dense model
+    assert len(pn.CACHE.store) == len(X)
+    other = nn.Sequential(nn.Linear(3, 3), nn.Dropout())
+    assert not make_teacher(other).training and other.training  # any model: a frozen eval-mode copy
+
+
 def test_train_mode_samples_from_a_random_start():
     m = model("ssg").train()
     g1, g2 = m.grouping(X), m.grouping(X)

@@ -64,6 +64,21 @@ def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_p
         (tmp_path / "out2" / "long_comparison.md").read_text()
 
 
+def test_report_names_how_its_script_runs_and_the_gpu(tmp_path, monkeypatch):
+    assert report_long.command("benchmarks/modelnet40.sh") == "bash benchmarks/modelnet40.sh"
+    assert report_long.command("benchmarks/gpu_modelnet40.py") == "python -m benchmarks.gpu_modelnet40"
+    d = tmp_path / "runs" / "pointnet2_ssg_f0.40_s0"
+    d.mkdir(parents=True)
+    rows = [_row("sigmab", 0.39, 0.87), _row("fpgm", 0.39, 0.85)]
+    (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.4}, "rows": rows}))
+    m = report_long.machine()
+    monkeypatch.setattr(report_long, "machine", lambda: {**m, "gpu": "NVIDIA H200"})
+    report_long.main(str(tmp_path / "runs"), str(tmp_path / "out"), "modelnet40_gpu", "benchmarks/gpu_modelnet40.py",
+                     "1.72")
+    text = (tmp_path / "out" / "modelnet40_gpu.md").read_text()
+    assert "by `python -m benchmarks.gpu_modelnet40` then" in text and "NVIDIA H200." in text
+
+
 def test_prior_that_is_missing_is_refused(tmp_path):
     import pytest
 

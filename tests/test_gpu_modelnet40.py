@@ -1,0 +1,37 @@
+"""benchmarks.gpu_modelnet40: the lossless repack of the ModelNet40 npz and the epoch sizing from the probes."""
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks import gpu_modelnet40 as g
+
+A = SimpleNamespace(pretrain_share=0.5, max_pretrain_epochs=60, max_epochs=12)
+
+
+def test_repack_keeps_every_array_and_unpack_gives_a_plain_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"train_points": rng.standard_normal((20, 64, 3)).astype(np.float16),
+              "train_labels": rng.integers(0, 40, 20), "classes": np.array(["airplane", "bathtub"])}
+    np.savez_compressed(tmp_path / "src.npz", **arrays)
+    (tmp_path / "packed").mkdir()
+    g.main(["--repack", str(tmp_path / "src.npz"), str(tmp_path / "packed" / g.NPZ)])
+    root = g.unpack(str(tmp_path / "packed"), tmp_path / "plain")
+    for folder in (tmp_path / "packed", tmp_path / root):
+        with np.load(folder / g.NPZ) as z:
+            assert sorted(z.files) == sorted(arrays)
+            for k, v in arrays.items():
+                assert z[k].dtype == v.dtype and np.array_equal(z[k], v)
+
+
+def test_epochs_fit_the_time_left_and_the_slowest_contended_run():
+    alone = {"step_seconds": 0.1}
+    # 400 s, half for pretraining: (200 - 20) / (1.15 * 77 * 0.1) = 20.3 epochs
+    assert g.pretrain_epochs(A, 77, alone, 400) == 20
+    assert g.pretrain_epochs(A, 77, {"step_seconds": 100.0}, 400) == 1  # never below one epoch
+    assert g.pretrain_epochs(A, 77, {"step_seconds": 1e-6}, 400) == 60  # nor above the cap
+    together = [{"kind": "static", "step_seconds": 0.2, "branch_seconds": 0},
+                {"kind": "tree", "step_seconds": 0.3, "branch_seconds": 5}]
+    # the tree's search builds up to 8 trees (40 s); (300 - 40 - 40) / (1.15 * 77 * 0.3) = 8.3 epochs
+    assert g.finetune_epochs(A, 77, together, 300) == 8
+    slower = [{**p, "step_seconds": 0.6} for p in together]
+    assert g.finetune_epochs(A, 77, slower, 300) == 4  # the slowest run sets everyone's epochs
