@@ -127,6 +127,10 @@ def _probes(a, kinds, out: Path, deadline: float) -> list:
     return found
 
 
+def _out_of_memory(logs: Path) -> bool:
+    return any("out of memory" in f.read_text(errors="replace").lower() for f in logs.glob("*.log"))
+
+
 def pretrain_epochs(a, steps: int, alone: dict, t_left: float) -> int:
     """Pretraining epochs that fit ``a.pretrain_share`` of ``t_left`` seconds (with 15% to spare)."""
     fit = (a.pretrain_share * t_left - 20) / (1.15 * steps * alone["step_seconds"])
@@ -138,6 +142,8 @@ def finetune_epochs(a, steps: int, together: list, t_left: float) -> int:
     to spare), after the tree's target search (up to 8 trees built) and the runs' start and evaluation."""
     prepare = max([8 * p["branch_seconds"] for p in together if p["kind"] == "tree"] + [30])
     slowest = max(p["step_seconds"] for p in together)
+    if not any(p["kind"] == "tree" for p in together):  # the tree probes did not finish: assume twice a static step
+        slowest *= 2
     return max(1, min(a.max_epochs, int((t_left - prepare - 40) / (1.15 * steps * slowest))))
 
 
@@ -185,11 +191,16 @@ def main(argv=None) -> dict:
     alone = _probes(a, ["pretrain"], out / "probe_alone", time.time() + 90)
     kinds = ["tree" if m == "sigmab" else "static" for _, m in RUNS]
     together = _probes(a, kinds, out / "probe_together", time.time() + 150)
+    if len(together) < len(kinds) and _out_of_memory(out / "probe_together" / "logs") and a.batch_size > 16:
+        a.batch_size //= 2  # seven runs at once did not fit on the device: every run (and the pretraining) halves
+        print(f"[{time.time() - t0:4.0f}s] out of memory: batch size {a.batch_size}", flush=True)
+        alone = _probes(a, ["pretrain"], out / "probe_alone_b", time.time() + 90)
+        together = _probes(a, kinds, out / "probe_together_b", time.time() + 150)
     if not alone or not together:
         raise SystemExit(f"the probes failed: see {out}/probe_*/logs")
     steps = math.ceil(train_size / a.batch_size)
     meta = {"machine": machine(), "argv": argv or sys.argv[1:], "probe_alone": alone, "probe_together": together,
-            "steps_per_epoch": steps, "pretrain_epochs": pretrain_epochs(a, steps, alone[0], deadline - time.time())}
+            "batch_size": a.batch_size, "steps_per_epoch": steps, "pretrain_epochs": pretrain_epochs(a, steps, alone[0], deadline - time.time())}
     print(f"[{time.time() - t0:4.0f}s] pretraining {meta['pretrain_epochs']} epochs", flush=True)
     pre_out = out / "pretrain"
     pre = [{"name": "pretrain", "cmd": _cli(a, "--methods", "dense", "--epochs", "0", "--pretrain-epochs",

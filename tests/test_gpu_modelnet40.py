@@ -35,3 +35,5 @@ def test_epochs_fit_the_time_left_and_the_slowest_contended_run():
     assert g.finetune_epochs(A, 77, together, 300) == 8
     slower = [{**p, "step_seconds": 0.6} for p in together]
     assert g.finetune_epochs(A, 77, slower, 300) == 4  # the slowest run sets everyone's epochs
+    # no tree probe came back: twice the static step, and 30 s for the search: (300 - 30 - 40) / (1.15 * 77 * 0.4)
+    assert g.finetune_epochs(A, 77, together[:1], 300) == 6
