@@ -127,6 +127,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     prepared = {}  # method -> (model, seconds)
     if cfg.target_fraction is not None:
         run.budget = int(cfg.target_fraction * dense_params)
+    elif cfg.methods == ["dense"]:  # nothing to size (a pretraining run): no tree is built for a budget
+        run.budget = dense_params
     else:  # the budget is SigmaB's largest path
         t0 = time.perf_counter()
         prepared["sigmab"] = (get_method("sigmab").prepare(run), time.perf_counter() - t0)

@@ -86,6 +86,14 @@ def test_distill_zero_trains_without_teacher(tmp_path):
         assert not r["distilled"] and all("distill" not in row for row in log)
 
 
+def test_a_dense_only_run_builds_no_tree_for_a_budget(tmp_path, monkeypatch):
+    def no_tree(*a, **k):
+        raise AssertionError("a dense-only run (pretraining) branched a tree to size a budget it does not use")
+    monkeypatch.setattr(sb, "branch", no_tree)
+    rows = cli.main(TINY + ["--methods", "dense", "--epochs", "0", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["dense"] and (tmp_path / "pretrain" / "checkpoint.pt").is_file()
+
+
 @pytest.mark.parametrize("flag", ["--calibrate-routing", "--no-calibrate-routing"])
 def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     rows = cli.main(TINY + ["--methods", "sigmab", flag, "--out", str(tmp_path)])
