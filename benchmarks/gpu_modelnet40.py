@@ -17,7 +17,11 @@ measures first and sizes the schedules from the measurement:
    log and process log, and the dense weights (safetensors), so they survive the machine.
 
     python -m benchmarks.gpu_modelnet40 --data-root DIR --out runs/modelnet40_gpu [--budget 520]
-    python -m benchmarks.gpu_modelnet40 --data-root DIR --out OUT --tiny --device cpu   # the code path (CI)
+    python -m benchmarks.gpu_modelnet40 --data-root DIR --out OUT --tiny --device cpu --width 0.125  # smoke test
+
+A later session can spend its whole lease on the comparison: ``--pretrained`` starts from the dense
+weights an earlier run saved (no pretraining), ``--epochs`` fixes the fine-tuning epochs (no probes),
+``--methods`` picks runs and ``--extra`` passes more options (``--reconstruct``...) to every run.
 
 ``--repack SRC DST`` rewrites ModelNet40's npz with LZMA members (same arrays, np.load reads it): 62 MB
 instead of 67, so the data fits under the GPU machine's 64 MiB transfer limit beside the checkout.
@@ -127,6 +131,28 @@ def _probes(a, kinds, out: Path, deadline: float) -> list:
     return found
 
 
+def pretrain(a, meta: dict, out: Path, deadline: float, alone: dict, t0: float) -> Path:
+    """Train the dense model from scratch for the epochs that fit; its checkpoint (also kept as safetensors)."""
+    steps = meta["steps_per_epoch"]
+    meta["pretrain_epochs"] = pretrain_epochs(a, steps, alone, deadline - time.time())
+    print(f"[{time.time() - t0:4.0f}s] pretraining {meta['pretrain_epochs']} epochs", flush=True)
+    pre_out = out / "pretrain"
+    pre = [{"name": "pretrain", "cmd": _cli(a, "--methods", "dense", "--epochs", "0", "--pretrain-epochs",
+                                              str(meta["pretrain_epochs"]), "--out", str(pre_out))}]
+    # a pretraining slower than measured is stopped early: its last epoch's checkpoint is still a dense model
+    expected = 20 + 1.15 * meta["pretrain_epochs"] * steps * alone["step_seconds"]
+    meta["pretrain"] = run_pool(pre, 1, min(deadline - 90, time.time() + 1.4 * expected), out / "logs")
+    ckpt = pre_out / "pretrain" / "checkpoint.pt"
+    if ckpt.is_file():
+        import torch
+        from safetensors.torch import save_file
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        meta["pretrain_epochs_done"] = int(ck["epoch"]) + 1  # the checkpoint counts from 0
+        save_file({k: v.contiguous() for k, v in ck["model"].items()},
+                  str(out / f"{a.model}_w{a.width:g}_dense.safetensors"))
+    return ckpt
+
+
 def _out_of_memory(logs: Path) -> bool:
     return any("out of memory" in f.read_text(errors="replace").lower() for f in logs.glob("*.log"))
 
@@ -145,6 +171,12 @@ def finetune_epochs(a, steps: int, together: list, t_left: float) -> int:
     if not any(p["kind"] == "tree" for p in together):  # the tree probes did not finish: assume twice a static step
         slowest *= 2
     return max(1, min(a.max_epochs, int((t_left - prepare - 40) / (1.15 * steps * slowest))))
+
+
+def report(out: Path) -> None:
+    """``benchmarks.report_long`` over the finished runs (in its own process: a failure leaves the archive)."""
+    subprocess.run([sys.executable, "-m", "benchmarks.report_long", str(out / "runs"), str(out / "report"),
+                    "modelnet40_gpu", "benchmarks/gpu_modelnet40.py", "1.72"], check=False)
 
 
 def _cli(a, *extra) -> list:
@@ -168,6 +200,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-pretrain-epochs", type=int, default=60)
     ap.add_argument("--max-epochs", type=int, default=12)
     ap.add_argument("--probe-seconds", type=float, default=10)
+    ap.add_argument("--pretrained", help="dense weights to start from (e.g. the safetensors of an earlier run): "
+                    "no pretraining")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of every run (default: what fits)")
+    ap.add_argument("--methods", nargs="+", choices=sorted({m for _, m in RUNS}), help="only these runs")
+    ap.add_argument("--extra", default="", help="more compare_baselines options for every run, e.g. '--reconstruct'")
     ap.add_argument("--tiny", action="store_true", help="256 training and 64 test clouds: the code path only")
     ap.add_argument("--repack", nargs=2, metavar=("SRC", "DST"), help="rewrite an npz with LZMA members, then exit")
     ap.add_argument("--probe", choices=["pretrain", "tree", "static"], help=argparse.SUPPRESS)
@@ -188,43 +225,32 @@ def main(argv=None) -> dict:
     from sigmab_plugin.baselines.data import load_dataset
     train_size = 256 if a.tiny else len(load_dataset("modelnet40", a.data_root).train.labels)
     print(f"[{time.time() - t0:4.0f}s] data ready", flush=True)
-    alone = _probes(a, ["pretrain"], out / "probe_alone", time.time() + 90)
+    meta = {"machine": machine(), "argv": argv or sys.argv[1:]}
     kinds = ["tree" if m == "sigmab" else "static" for _, m in RUNS]
-    together = _probes(a, kinds, out / "probe_together", time.time() + 150)
-    if len(together) < len(kinds) and _out_of_memory(out / "probe_together" / "logs") and a.batch_size > 16:
+    alone = [] if a.pretrained else _probes(a, ["pretrain"], out / "probe_alone", time.time() + 90)
+    together = [] if a.epochs else _probes(a, kinds, out / "probe_together", time.time() + 150)
+    if not a.epochs and len(together) < len(kinds) and _out_of_memory(out / "probe_together" / "logs") \
+            and a.batch_size > 16:
         a.batch_size //= 2  # seven runs at once did not fit on the device: every run (and the pretraining) halves
         print(f"[{time.time() - t0:4.0f}s] out of memory: batch size {a.batch_size}", flush=True)
-        alone = _probes(a, ["pretrain"], out / "probe_alone_b", time.time() + 90)
+        alone = [] if a.pretrained else _probes(a, ["pretrain"], out / "probe_alone_b", time.time() + 90)
         together = _probes(a, kinds, out / "probe_together_b", time.time() + 150)
-    if not alone or not together:
+    if (not a.pretrained and not alone) or (not a.epochs and not together):
         raise SystemExit(f"the probes failed: see {out}/probe_*/logs")
     steps = math.ceil(train_size / a.batch_size)
-    meta = {"machine": machine(), "argv": argv or sys.argv[1:], "probe_alone": alone, "probe_together": together,
-            "batch_size": a.batch_size, "steps_per_epoch": steps, "pretrain_epochs": pretrain_epochs(a, steps, alone[0], deadline - time.time())}
-    print(f"[{time.time() - t0:4.0f}s] pretraining {meta['pretrain_epochs']} epochs", flush=True)
-    pre_out = out / "pretrain"
-    pre = [{"name": "pretrain", "cmd": _cli(a, "--methods", "dense", "--epochs", "0", "--pretrain-epochs",
-                                              str(meta["pretrain_epochs"]), "--out", str(pre_out))}]
-    # a pretraining slower than measured is stopped early: its last epoch's checkpoint is still a dense model
-    expected = 20 + 1.15 * meta["pretrain_epochs"] * steps * alone[0]["step_seconds"]
-    meta["pretrain"] = run_pool(pre, 1, min(deadline - 90, time.time() + 1.4 * expected), out / "logs")
-    ckpt = pre_out / "pretrain" / "checkpoint.pt"
+    meta.update(probe_alone=alone, probe_together=together, batch_size=a.batch_size, steps_per_epoch=steps)
+    ckpt = Path(a.pretrained) if a.pretrained else pretrain(a, meta, out, deadline, alone[0], t0)
     if ckpt.is_file():
-        import torch
-        from safetensors.torch import save_file
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        meta["pretrain_epochs_done"] = int(ck["epoch"]) + 1  # the checkpoint counts from 0
-        save_file({k: v.contiguous() for k, v in ck["model"].items()},
-                  str(out / f"{a.model}_w{a.width:g}_dense.safetensors"))
-        meta["epochs"] = finetune_epochs(a, steps, together, deadline - time.time())
+        meta["epochs"] = a.epochs or finetune_epochs(a, steps, together, deadline - time.time())
         print(f"[{time.time() - t0:4.0f}s] comparing with {meta['epochs']} epochs", flush=True)
+        extra = a.extra.split()
         jobs = [{"name": f"{a.model}_f{frac:.2f}_s0_{m}",
                  "cmd": _cli(a, "--checkpoint", str(ckpt), "--epochs", str(meta["epochs"]), "--lr", "0.01",
-                             "--target-fraction", f"{frac:.2f}", "--methods", m,
-                             "--out", str(out / "runs" / f"{a.model}_f{frac:.2f}_s0_{m}"))} for frac, m in RUNS]
+                             "--target-fraction", f"{frac:.2f}", "--methods", m, *extra,
+                             "--out", str(out / "runs" / f"{a.model}_f{frac:.2f}_s0_{m}"))}
+                for frac, m in RUNS if not a.methods or m in a.methods]
         meta["compare"] = run_pool(jobs, len(jobs), deadline, out / "logs")
-        subprocess.run([sys.executable, "-m", "benchmarks.report_long", str(out / "runs"), str(out / "report"),
-                        "modelnet40_gpu", "benchmarks/gpu_modelnet40.py", "1.72"], check=False)
+        report(out)
     meta["seconds"] = time.time() - t0
     (out / "gpu_modelnet40.json").write_text(json.dumps(meta, indent=1))
     with tarfile.open(out / "results.tar.gz", "w:gz") as tar:

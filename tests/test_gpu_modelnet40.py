@@ -37,3 +37,26 @@ def test_epochs_fit_the_time_left_and_the_slowest_contended_run():
     assert g.finetune_epochs(A, 77, slower, 300) == 4  # the slowest run sets everyone's epochs
     # no tree probe came back: twice the static step, and 30 s for the search: (300 - 30 - 40) / (1.15 * 77 * 0.4)
     assert g.finetune_epochs(A, 77, together[:1], 300) == 6
+
+
+def test_a_later_session_starts_from_saved_weights_with_fixed_epochs_and_extra_options(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / g.NPZ, train_points=rng.standard_normal((8, 1024, 3)).astype(np.float16),
+             train_labels=np.arange(8) % 2, test_points=rng.standard_normal((4, 1024, 3)).astype(np.float16),
+             test_labels=np.arange(4) % 2, classes=np.array(["a", "b"]))
+    weights = tmp_path / "dense.safetensors"
+    weights.write_bytes(b"stand-in")
+    pools = []
+    monkeypatch.setattr(g, "run_pool", lambda jobs, workers, deadline, logs: pools.append(jobs) or [])
+    monkeypatch.setattr(g, "report", lambda out: None)  # of runs that did not run
+    meta = g.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--pretrained", str(weights),
+                   "--epochs", "3", "--methods", "sigmab", "fpgm", "--extra", "--reconstruct --reconstruct-ridge 0.5"])
+    assert len(pools) == 1  # no probe, no pretraining: only the comparison
+    jobs = pools[0]
+    assert sorted(j["name"] for j in jobs) == sorted(f"pointnet2_ssg_f{f}_s0_{m}" for f in ("0.40", "0.30")
+                                                     for m in ("sigmab", "fpgm"))
+    for j in jobs:
+        cmd = j["cmd"]
+        assert cmd[cmd.index("--checkpoint") + 1] == str(weights) and cmd[cmd.index("--epochs") + 1] == "3"
+        assert cmd[cmd.index("--reconstruct-ridge") + 1] == "0.5" and "--reconstruct" in cmd
+    assert meta["epochs"] == 3 and (tmp_path / "out" / "results.tar.gz").is_file()
