@@ -10,6 +10,11 @@ unfinished (its per-epoch log stays). Then ``benchmarks.report_long`` writes the
 
     python -m benchmarks.gpu_long --data-root DIR --weights DIR --out runs/long_gpu [--epochs 4]
     python -m benchmarks.gpu_long ... --tiny --device cpu    # the code path at test size (CI)
+
+On a machine where the project is not installed (a lent GPU machine starts bare), link its two
+mapped packages first: ``ln -sfn ../adapters sigmab_plugin/adapters; ln -sfn ../baselines
+sigmab_plugin/baselines`` (pyproject.toml maps them; an uninstalled checkout has no mapping), carry
+torch-pruning as a wheel, and set ``SIGMAB_COMMIT`` (a copy without .git names no commit).
 """
 from __future__ import annotations
 

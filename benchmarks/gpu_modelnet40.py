@@ -23,6 +23,11 @@ A later session can spend its whole lease on the comparison: ``--pretrained`` st
 weights an earlier run saved (no pretraining), ``--epochs`` fixes the fine-tuning epochs (no probes),
 ``--methods`` picks runs and ``--extra`` passes more options (``--reconstruct``...) to every run.
 
+On a machine where the project is not installed (a lent GPU machine starts bare), link its two
+mapped packages first: ``ln -sfn ../adapters sigmab_plugin/adapters; ln -sfn ../baselines
+sigmab_plugin/baselines`` (pyproject.toml maps them; an uninstalled checkout has no mapping), carry
+torch-pruning as a wheel, and set ``SIGMAB_COMMIT`` (a copy without .git names no commit).
+
 ``--repack SRC DST`` rewrites ModelNet40's npz with LZMA members (same arrays, np.load reads it): 62 MB
 instead of 67, so the data fits under the GPU machine's 64 MiB transfer limit beside the checkout.
 """
