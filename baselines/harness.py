@@ -204,12 +204,22 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         t = timing[r["method"]]
         r.update({"latency_ms_b1": t["ms"], "latency_ratio_b1": t["ratio"],
                   "latency_ratio_b1_range": [t["ratio_min"], t["ratio_max"]]})
+    if cfg.resume:  # a run of some methods into a folder that holds others keeps their rows
+        rows = earlier_rows(out, {r["method"] for r in rows}) + rows
     dense_row = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])
         r["dense_reference_top1"] = reference
     write_outputs(rows, cfg, out, started)
     return rows
+
+
+def earlier_rows(out: Path, ran: set) -> List[dict]:
+    """The rows of ``out/results.json`` whose method is not in ``ran`` (none when there is no such file)."""
+    f = out / "results.json"
+    if not f.is_file():
+        return []
+    return [r for r in json.loads(f.read_text()).get("rows", []) if r.get("method") not in ran]
 
 
 def write_outputs(rows: List[dict], cfg: HarnessConfig, out: Path, started: dict) -> None:

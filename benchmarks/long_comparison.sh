@@ -8,8 +8,8 @@
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
 #   EPOCHS_R20=5 EPOCHS_R56=3 set the epochs (the report states what was used).
 #   ONLY="f0.30_s0 f0.55_s0" runs only those budget/seed pairs (the others are skipped, not deleted).
-#   METHODS="sigmab fpgm" runs only those methods of each run (a later run without it resumes the rest into
-#   the same folder; its results.json then holds every method).
+#   METHODS="sigmab fpgm" runs only those methods of each run; a later run of others goes into the same
+#   folder, and its results.json keeps the earlier methods' rows (--resume).
 #   RECON=1 adds --reconstruct (every pruned method refit to the dense layer outputs before fine-tuning)
 #   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
 #   RIDGE="0.01 fpgm=1 hrank=1" (with RECON=1) passes --reconstruct-ridge: one number for every method, or

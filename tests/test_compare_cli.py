@@ -94,6 +94,20 @@ def test_a_dense_only_run_builds_no_tree_for_a_budget(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["dense"] and (tmp_path / "pretrain" / "checkpoint.pt").is_file()
 
 
+def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path):
+    args = TINY + ["--epochs", "0", "--out", str(tmp_path)]
+    cli.main(args + ["--methods", "dense", "hrank", "--resume"])
+    first = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    cli.main(args + ["--methods", "fpgm", "hrank", "--resume"])  # a later run of some methods, one of them again
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == ["dense", "fpgm", "hrank"]
+    by = {r["method"]: r for r in rows}
+    assert by["dense"] == first["dense"]
+    assert by["fpgm"]["delta_vs_dense_pp"] == pytest.approx(100 * (by["fpgm"]["top1"] - by["dense"]["top1"]))
+    cli.main(args + ["--methods", "fpgm"])  # without --resume a run starts the folder afresh
+    assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == ["fpgm"]
+
+
 @pytest.mark.parametrize("flag", ["--calibrate-routing", "--no-calibrate-routing"])
 def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     rows = cli.main(TINY + ["--methods", "sigmab", flag, "--out", str(tmp_path)])
