@@ -221,6 +221,10 @@ def main(argv=None) -> dict:
         return {}
     if not a.data_root:
         ap.error("--data-root is required")
+    if a.pretrained and not Path(a.pretrained).is_file():
+        ap.error(f"--pretrained {a.pretrained}: no such file (give the dense weights an earlier run saved)")
+    if a.epochs is not None and a.epochs < 1:
+        ap.error(f"--epochs {a.epochs} must be >= 1 (leave it out to fit the epochs to the time)")
     if a.probe:
         return probe(a)
     t0 = time.time()

@@ -2,6 +2,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from benchmarks import gpu_modelnet40 as g
 
@@ -60,3 +61,11 @@ def test_a_later_session_starts_from_saved_weights_with_fixed_epochs_and_extra_o
         assert cmd[cmd.index("--checkpoint") + 1] == str(weights) and cmd[cmd.index("--epochs") + 1] == "3"
         assert cmd[cmd.index("--reconstruct-ridge") + 1] == "0.5" and "--reconstruct" in cmd
     assert meta["epochs"] == 3 and (tmp_path / "out" / "results.tar.gz").is_file()
+
+
+@pytest.mark.parametrize("args, message", [(["--pretrained", "missing.safetensors"], "no such file"),
+                                           (["--epochs", "0"], "must be >= 1")])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        g.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out")] + args)
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "out").exists()
