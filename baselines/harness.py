@@ -127,7 +127,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     prepared = {}  # method -> (model, seconds)
     if cfg.target_fraction is not None:
         run.budget = int(cfg.target_fraction * dense_params)
-    elif cfg.methods == ["dense"]:  # nothing to size (a pretraining run): no tree is built for a budget
+    elif set(cfg.methods) == {"dense"}:  # nothing to size (a pretraining run): no tree is built for a budget
         run.budget = dense_params
     else:  # the budget is SigmaB's largest path
         t0 = time.perf_counter()
@@ -147,9 +147,10 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         reconstruction = None
         if cfg.reconstruct and name != "dense":  # every pruned model, on the calibration inputs that built the tree
             t0 = time.perf_counter()
-            rep = sb.reconstruct(model, dense, calib, ridge=cfg.ridge(name))
+            ridge = cfg.ridge(name)
+            rep = sb.reconstruct(model, dense, calib, ridge=ridge)
             errs = rep["relative_error_before"], rep["relative_error_after"]
-            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "ridge": cfg.ridge(name),
+            reconstruction = {"layers": len(errs[0]), "samples": rep["samples"], "ridge": ridge,
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0
