@@ -142,15 +142,17 @@ def _static_gap(dense: nn.Module, method: str) -> float:
         idx = torch.tensor(sorted(idxs))
         ref.get_submodule(name).register_forward_hook(lambda _m, _i, out, idx=idx: out.index_fill(1, idx, 0.0))
     assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in dense.parameters())
-    last_norms = {f"{lvl}.branches.0.{len(getattr(dense, lvl).branches[0]) - 2}" for lvl in ("sa1", "sa2")}
+    last_norms = {f"{lvl}.branches.{k}.{len(branch) - 2}"
+                  for lvl in ("sa1", "sa2") for k, branch in enumerate(getattr(dense, lvl).branches)}
     assert last_norms <= set(masks)  # level outputs are pruned: the next level's input columns must follow
     with torch.no_grad():
         return float((pruned.eval()(X) - ref.eval()(X)).abs().max())
 
 
+@pytest.mark.parametrize("variant", ["ssg", "msg"])
 @pytest.mark.parametrize("method", ["fpgm", "hrank"])
-def test_static_pruning_of_pointnet_is_a_masking(method):
-    assert _static_gap(model("ssg"), method) <= 1e-4
+def test_static_pruning_of_pointnet_is_a_masking(method, variant):
+    assert _static_gap(model(variant), method) <= 1e-4
 
 
 def test_public_checkpoint_layout_is_converted(tmp_path):
