@@ -131,7 +131,11 @@ def reconstruct(model: nn.Module, dense: nn.Module, data: Data, *, ridge: float 
     found by matching its weights to the dense ones. ``ridge`` (> 0) scales the pull towards the current
     weights, relative to the mean input energy; ``max_rows`` caps the regression rows per layer (output
     positions, sampled with ``seed``). Returns the per-layer relative errors
-    ``||y_dense - layer(x)||^2 / ||y_dense||^2`` before and after, and the samples per node."""
+    ``||y_dense - layer(x)||^2 / ||y_dense||^2`` before and after, and the samples per node.
+
+    Raises ``ValueError``, with ``model`` untouched, when ``dense`` is not ``model``'s source: a tree layer
+    that is not its dense layer restricted to the node's kept channels (another network, or a tree trained
+    since it was branched), or a static model none of whose layers is a channel selection of ``dense``'s."""
     if not ridge > 0:
         raise ValueError(f"ridge={ridge!r} must be > 0 (e.g. 1e-2): it keeps every fit well posed")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
@@ -162,10 +166,10 @@ def reconstruct(model: nn.Module, dense: nn.Module, data: Data, *, ridge: float 
 def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
     state = tree_state(model)
     depth, dense_names = state.depth, {n for n, _ in dense.named_modules()}
-    leaves = torch.cat([_run_forced(model, b, None) for b in xs])
     units = sorted(((m.level, n, m) for n, m in model.named_modules() if isinstance(m, RoutedModule)),
                    key=lambda t: t[0])
-    kept_of: Dict[Tuple[int, int], dict] = {}  # (level, node) -> kept channels (one dependency graph each)
+    kept_of = _check_source(model, dense, state.spec, units)  # (level, node) -> kept channels, before any fit
+    leaves = torch.cat([_run_forced(model, b, None) for b in xs])
     for level, unit_name, unit in units:
         for node, variant in enumerate(unit.variants):
             mine = (leaves >> (depth - level)) == node
@@ -173,8 +177,6 @@ def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
                 mine = torch.ones_like(mine)
             report["samples"][f"{level}/{node}"] = int(mine.sum())
             batches = _split_rows(xs, mine)
-            if (level, node) not in kept_of:
-                kept_of[level, node] = kept_channels(dense, state.spec, level, node)
             kept = kept_of[level, node]
             leaf = node << (depth - level)
             run = lambda b, leaf=leaf: _run_forced(model, b, leaf)  # noqa: E731
@@ -186,15 +188,49 @@ def _refit_tree(model, dense, xs, min_samples, fit, report) -> None:
                     fit(tree_name, t_mod, dense.get_submodule(dense_name), k_out, batches, run)
 
 
+_NOT_SOURCE = ("dense is not the model this tree was branched from (or the tree has been trained since): {what}. "
+               "Give reconstruct the copy of the model taken before branch() or pruning, and a fresh tree")
+
+
+def _check_source(model, dense, spec, units) -> Dict[Tuple[int, int], dict]:
+    """Every node's kept channels, after checking that each of its layers is the dense layer restricted to
+    them: a refit towards another network would run without error and quietly spoil the tree."""
+    kept_of, checked, differ = {}, 0, []
+    for level, unit_name, unit in units:
+        for node, variant in enumerate(unit.variants):
+            try:
+                kept_of[level, node] = kept = kept_channels(dense, spec, level, node)
+            except (AttributeError, KeyError, IndexError, RuntimeError, ValueError) as err:
+                raise ValueError(_NOT_SOURCE.format(what=f"its graph does not fit the tree's plan ({err})")) from err
+            for sub, mod in variant.module.named_modules():
+                name = f"{unit_name}.{sub}" if sub else unit_name
+                if not isinstance(mod, _LAYERS) or name not in kept:
+                    continue
+                k_out, k_in = kept[name]
+                ref = dense.get_submodule(name).weight
+                if tuple(mod.weight.shape[:2]) != (len(k_out), len(k_in)) or ref.shape[2:] != mod.weight.shape[2:]:
+                    continue
+                checked += 1
+                if not torch.equal(mod.weight, ref[k_out][:, k_in].to(mod.weight.device)):
+                    differ.append(f"{unit_name}.variants.{node}.module" + (f".{sub}" if sub else ""))
+    if differ:
+        raise ValueError(_NOT_SOURCE.format(what=f"{len(differ)} of {checked} node layers are not its layers "
+                                                 f"restricted to the kept channels, the first {differ[0]}"))
+    return kept_of
+
+
 def _refit_static(model, dense, xs, _min_samples, fit, report) -> None:
     report["samples"]["model"] = sum(len(b) for b in xs)
     run = lambda b: run_model(model, b)  # noqa: E731
     dense_names = {n for n, _ in dense.named_modules()}
-    for name, _ in _node_layers(model, "", run, xs[0], dense_names):
-        t_mod, d_mod = model.get_submodule(name), dense.get_submodule(name)
-        kept = match_channels(t_mod.weight, d_mod.weight)
+    layers = [(name, match_channels(model.get_submodule(name).weight, dense.get_submodule(name).weight))
+              for name, _ in _node_layers(model, "", run, xs[0], dense_names)]  # matched before any fit
+    if all(kept is None for _, kept in layers):  # also when no layer is named as one of dense's
+        raise ValueError(_NOT_SOURCE.format(what=f"none of the {len(layers)} layers named as in dense is a "
+                                                 "channel selection of its dense layer"))
+    for name, kept in layers:
         if kept is not None:  # None: a layer that is not a channel selection of its dense one
-            fit(name, t_mod, d_mod, kept[0], xs, run)
+            fit(name, model.get_submodule(name), dense.get_submodule(name), kept[0], xs, run)
 
 
 def _run_forced(model: nn.Module, x: torch.Tensor, leaf) -> torch.Tensor:

@@ -108,6 +108,33 @@ def test_bad_settings_are_refused_and_the_model_untouched(kwargs, match):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshot.items())
 
 
+def test_a_dense_model_that_is_not_the_source_is_refused_and_the_model_untouched():
+    dense, model, x = _tree()
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)  # the same architecture, other weights: a refit would run and spoil the tree
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"not the model this tree was branched from .*\d+ of \d+ node layers"):
+        sb.reconstruct(model, other, x)
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        next(m for m in trained.modules() if isinstance(m, torch.nn.Linear)).weight.add_(1e-3)  # trained since
+    with pytest.raises(ValueError, match="not the model this tree was branched from"):
+        sb.reconstruct(trained, dense, x)
+    with pytest.raises(ValueError, match="does not fit the tree's plan"):  # another architecture
+        sb.reconstruct(model, make_model("mobilenetv3"), x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshot.items())
+    # a statically pruned model against another dense model: no layer is a selection of its dense layer
+    from sigmab_plugin.baselines._static import tp_prune
+    import torch_pruning as tp
+    pruned = tp_prune(copy.deepcopy(dense), x[:2], tp.importance.FPGMImportance(p=2), 0.4, "linear")
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    with pytest.raises(ValueError, match="none of the .* layers named as in dense is a channel selection"):
+        sb.reconstruct(pruned, other, x)
+    assert all(torch.equal(pruned.state_dict()[k], v) for k, v in before.items())
+
+
 def test_match_channels_finds_the_selection_or_refuses():
     from sigmab_plugin.reconstruct import match_channels
 
