@@ -76,15 +76,20 @@ def _mean(rows: List[dict], name: str, target: float, key: str = "top1") -> Opti
 
 
 def fraction_at(points: Dict[float, float], top1: float) -> Optional[tuple]:
-    """Active fraction at which a method (points: fraction -> top-1) reaches ``top1``, by linear
-    interpolation (or extrapolation, flagged) between its two nearest budgets."""
-    if len(points) < 2:
+    """Active fraction at which a method (points: fraction -> top-1) reaches ``top1``: linear
+    interpolation between the two neighbouring budgets whose top-1 brackets it, else extrapolation
+    (flagged) from the two budgets at the end it lies beyond. ``(fraction, extrapolated)`` or None."""
+    pts = sorted(points.items())
+    if len(pts) < 2:
         return None
-    (f0, t0), (f1, t1) = sorted(points.items())[:2] if len(points) == 2 else sorted(points.items())[-2:]
+    pairs = [(a, b) for a, b in zip(pts, pts[1:]) if min(a[1], b[1]) <= top1 <= max(a[1], b[1]) and a[1] != b[1]]
+    if pairs:
+        ((f0, t0), (f1, t1)), extrapolated = pairs[0], False
+    else:
+        ((f0, t0), (f1, t1)), extrapolated = (pts[-2:] if top1 > max(t for _, t in pts) else pts[:2]), True
     if t1 == t0:
         return None
-    f = f0 + (top1 - t0) * (f1 - f0) / (t1 - t0)
-    return f, not (min(t0, t1) <= top1 <= max(t0, t1))
+    return f0 + (top1 - t0) * (f1 - f0) / (t1 - t0), extrapolated
 
 
 def summarize(rows: List[dict]) -> dict:

@@ -25,7 +25,8 @@ def value(cmd: list, flag: str) -> list:
 def test_plain_run_covers_every_budget_without_a_refit():
     cmds = commands()
     assert [(value(c, "--target-fraction"), value(c, "--seed")) for c in cmds] == [
-        (["0.40"], ["0"]), (["0.40"], ["1"]), (["0.30"], ["0"]), (["0.55"], ["0"])]
+        (["0.40"], ["0"]), (["0.40"], ["1"]), (["0.30"], ["0"]), (["0.55"], ["0"]), (["0.45"], ["0"])]
+    assert value(cmds[-1], "--methods") == ["sigmab"]
     assert value(cmds[0], "--methods") == ["dense", "sigmab", "fpgm", "hrank"]
     assert all("--reconstruct" not in c and value(c, "--epochs") == ["5"] for c in cmds)
 

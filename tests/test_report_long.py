@@ -1,6 +1,8 @@
 """benchmarks.report_long renders any comparison folder: rows, margins, goals, its own stem and plot."""
 import json
 
+import pytest
+
 from benchmarks import report_long
 
 
@@ -123,3 +125,16 @@ def test_reduction_at_matched_top1_is_read_between_measured_active_fractions(tmp
     assert abs(frac - 0.44) < 1e-9 and extrapolated
     assert "(fpgm) reaches 83.00% at 0.530 active; sigmab needs 0.440 (extrapolated): 9.0 pp more reduction" in \
         (out / "long_comparison.md").read_text()
+
+
+def test_fraction_at_interpolates_between_the_bracketing_budgets():
+    from benchmarks.report_long import fraction_at
+    pts = {0.30: 0.80, 0.40: 0.83, 0.45: 0.84}
+    assert fraction_at(pts, 0.815) == pytest.approx((0.35, False))  # between 0.30 and 0.40, not from the top pair
+    assert fraction_at(pts, 0.835) == pytest.approx((0.425, False))
+    f, extrapolated = fraction_at(pts, 0.85)  # beyond the best: the top two budgets, flagged
+    assert f == pytest.approx(0.50) and extrapolated
+    f, extrapolated = fraction_at(pts, 0.79)
+    assert f == pytest.approx(0.2667, abs=1e-4) and extrapolated
+    assert fraction_at({0.4: 0.8}, 0.8) is None and fraction_at({0.3: 0.8, 0.4: 0.8}, 0.9) is None
+
