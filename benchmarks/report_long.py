@@ -20,19 +20,34 @@ from typing import Dict, List, Optional
 
 from benchmarks.common import machine
 from sigmab_plugin.baselines.harness import HarnessConfig
+from sigmab_plugin.finetune import FinetuneConfig
 
 STATIC = ("fpgm", "hrank")
+
+
+# the tree's training recipe: a row that departs from the default is its own variant, named by the change
+TREE_RECIPE = ("objective", "balance_weight", "balance_rate", "decisive_weight", "distill_paths", "top_k",
+               "bn_weighting", "hard_epochs", "temperature_start", "temperature_end")
 
 
 def variant(r: dict) -> str:
     """The method as the report names it: "+recon" marks a model refit by ``sb.reconstruct`` before fine-tuning
     (harness --reconstruct), so those rows are compared beside the plain ones, never averaged with them; a
-    ridge other than the harness's default is named ("+recon@1")."""
+    ridge other than the harness's default is named ("+recon@1"). A tree trained with another recipe than
+    the default (``--decisive-weight 0.5``...) or with its routing calibrated is named by the change too
+    ("sigmab+decisive_weight=0.5"); a key a row lacks (an older run) counts as the default."""
+    name = r["method"]
+    if name == "sigmab":
+        default, ft = FinetuneConfig(), r.get("finetune") or {}
+        name += "".join(f"+{k}={ft[k]:g}" if isinstance(ft[k], float) else f"+{k}={ft[k]}"
+                        for k in TREE_RECIPE if k in ft and ft[k] != getattr(default, k))
+        if r.get("routing_calibration"):
+            name += "+calibrated"
     rec = r.get("reconstruction")
     if not rec:
-        return r["method"]
+        return name
     ridge = rec.get("ridge", 0.01)  # rows from before the ridge was recorded ran at 0.01
-    return r["method"] + "+recon" + ("" if ridge == HarnessConfig.reconstruct_ridge else f"@{ridge:g}")
+    return name + "+recon" + ("" if ridge == HarnessConfig.reconstruct_ridge else f"@{ridge:g}")
 
 
 def command(script: str) -> str:

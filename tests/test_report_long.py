@@ -38,7 +38,9 @@ def test_report_for_a_new_comparison(tmp_path):
         "shares 4/0/55/41 -> 24/28/20/27%" in text
     assert (out / "modelnet40.png").stat().st_size > 0
     summary = json.loads((out / "modelnet40.json").read_text())["summary"]["pointnet2_ssg"]
-    assert abs(summary["margins"]["sigmab"]["0.3"]["margin_pp"] - 3.0) < 1e-9
+    # the calibrated tree is its own variant: its margin is not averaged with the plain tree's
+    assert abs(summary["margins"]["sigmab+calibrated"]["0.3"]["margin_pp"] - 3.0) < 1e-9
+    assert "0.3" not in summary["margins"]["sigmab"] and "| sigmab+calibrated | 0.3 | 0 |" in text
 
 
 def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_path):
@@ -137,4 +139,16 @@ def test_fraction_at_interpolates_between_the_bracketing_budgets():
     f, extrapolated = fraction_at(pts, 0.79)
     assert f == pytest.approx(0.2667, abs=1e-4) and extrapolated
     assert fraction_at({0.4: 0.8}, 0.8) is None and fraction_at({0.3: 0.8, 0.4: 0.8}, 0.9) is None
+
+
+def test_a_tree_trained_with_another_recipe_is_its_own_variant():
+    from benchmarks.report_long import variant
+    plain = _row("sigmab", 0.39, 0.87)
+    assert variant(plain) == "sigmab" and variant({**plain, "finetune": {"epochs": 2, "balance_weight": 2.0}}) == "sigmab"
+    decisive = {**plain, "finetune": {"epochs": 2, "decisive_weight": 0.5, "distill_paths": "weighted"}}
+    assert variant(decisive) == "sigmab+decisive_weight=0.5+distill_paths=weighted"
+    assert variant({**decisive, "reconstruction": {"ridge": 1.0}}) == \
+        "sigmab+decisive_weight=0.5+distill_paths=weighted+recon@1"
+    assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {"decisive_weight": 0.5}}) == "fpgm"  # no router
+    assert variant({**plain, "finetune": {"top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
 
