@@ -68,6 +68,13 @@ VARIANTS = {
     "class_routes1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, route_weight=1.0), True),
     "class_routes_w": ("sigmab", {"coverage": False},
                        dict(balance_weight=2.0, route_weight=1.0, distill_paths="weighted"), True),
+    # routers trained against the leaves' losses with a capacity limit: each sample's target is its
+    # lowest-loss leaf, no leaf taking more than its equal share of the batch (a cross-entropy of the leaf
+    # probabilities towards it, weight 1), so the router learns where each leaf is good and that leaf
+    # then trains more on those samples
+    "loss_routes1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, loss_route_weight=1.0), True),
+    "loss_routes_w": ("sigmab", {"coverage": False},
+                      dict(balance_weight=2.0, loss_route_weight=1.0, distill_paths="weighted"), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),
@@ -102,6 +109,56 @@ def route_loss(weight: float, leaf_of_class: torch.Tensor):
         probs = sb.tree_state(model).last_leaf_probs
         if probs is not None and probs.shape[0] == target.shape[0]:
             r = -probs.clamp_min(1e-8).log().gather(1, leaf_of_class.to(target.device)[target][:, None]).mean()
+            total = total + weight * r
+            parts["route"] = float(r.detach())
+        return total, parts
+    ft.training_loss = loss
+    try:
+        yield
+    finally:
+        ft.training_loss = base
+
+
+def capped_argmin(loss: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Each row's lowest-``loss`` column, no column taking more than ``capacity`` rows: rows choose in order
+    of how much they prefer their best column (the gap to their second best), and a full column passes
+    the row on to its next best. ``loss`` is (rows, columns); needs ``capacity * columns >= rows``."""
+    n, k = loss.shape
+    if capacity * k < n:
+        raise ValueError(f"capacity {capacity} x {k} columns cannot hold {n} rows")
+    ranked = loss.argsort(1)
+    best2 = loss.gather(1, ranked[:, :2]) if k > 1 else loss
+    order = (best2[:, 1] - best2[:, 0]).argsort(descending=True).tolist() if k > 1 else range(n)
+    free = [capacity] * k
+    out = torch.empty(n, dtype=torch.long)
+    for i in order:
+        j = next(c for c in ranked[i].tolist() if free[c] > 0)
+        free[j] -= 1
+        out[i] = j
+    return out.to(loss.device)
+
+
+@contextlib.contextmanager
+def loss_route_loss(weight: float):
+    """Adds ``weight * CE(leaf probabilities, capped lowest-loss leaf)`` to the training loss of a tree under
+    soft routing: the target of each sample is the leaf whose path has the lowest cross-entropy on it,
+    with each leaf capped at an equal share of the batch (``capped_argmin``)."""
+    import torch.nn.functional as F
+
+    import sigmab_plugin.finetune as ft
+    base = ft.training_loss
+
+    def loss(model, logits, target, **kw):
+        total, parts = base(model, logits, target, **kw)
+        state = sb.tree_state(model)
+        probs, paths = state.last_leaf_probs, state.last_paths
+        if probs is not None and paths is not None and probs.shape[0] == target.shape[0]:
+            with torch.no_grad():
+                per_path = probs.new_full(probs.shape, float("inf"))
+                per_path[paths.sample, paths.leaf] = F.cross_entropy(paths.output.float(), target[paths.sample],
+                                                                     reduction="none")
+                goal = capped_argmin(per_path.cpu(), -(-len(target) // probs.shape[1]))
+            r = -probs.clamp_min(1e-8).log().gather(1, goal[:, None]).mean()
             total = total + weight * r
             parts["route"] = float(r.detach())
         return total, parts
@@ -172,6 +229,7 @@ def main(argv=None) -> None:
             model = get_method(method).prepare(run)
         ftopts = dict(ftopts)
         route_weight = ftopts.pop("route_weight", 0.0)
+        loss_route_weight = ftopts.pop("loss_route_weight", 0.0)
         recon = ftopts.pop("reconstruct", None)  # None: no refit; a dict: sb.reconstruct's keyword arguments
         reconstruction = None if recon is None else sb.reconstruct(model, dense, calib, **recon)
         top1_before = evaluate(model, *val, data.normalize)["top1"]
@@ -184,13 +242,15 @@ def main(argv=None) -> None:
             leaf_of_class = class_leaves(model, *train, data.normalize, data.num_classes)
             print(f"{name}: leaf of each class {leaf_of_class.tolist()}", flush=True)
             extra = route_loss(route_weight, leaf_of_class)
+        elif loss_route_weight:
+            extra = loss_route_loss(loss_route_weight)
         with extra:
             hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True)
         ev = evaluate(model, *val, data.normalize, diagnostics=sb.is_branched(model))
         params = sb.param_report(model)["active_params_max"] if sb.is_branched(model) else \
             sum(p.numel() for p in model.parameters())
         row = {"method": method, "branch": bopts, "finetune": cfg.to_dict(), "distilled": distill,
-               "route_weight": route_weight, "top1_before_finetune": top1_before,
+               "route_weight": route_weight, "loss_route_weight": loss_route_weight, "top1_before_finetune": top1_before,
                "reconstruction": reconstruction, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
                "keep_ratio": keep if method == "sigmab" else None,
                "active_fraction": params / dense_params,

@@ -39,3 +39,34 @@ def test_route_loss_is_added_and_removed():
     expected = -probs.log().gather(1, leaf[y][:, None]).mean()
     torch.testing.assert_close(loss, plain + 2.0 * expected)
     assert parts["route"] > 0
+
+
+def test_capped_argmin_gives_the_best_leaf_within_capacity():
+    from benchmarks.ablate_recipe import capped_argmin
+    loss = torch.tensor([[0.1, 0.9, 0.8], [0.2, 0.3, 0.9], [0.1, 2.0, 0.5], [0.9, 0.8, 0.1]])
+    assert capped_argmin(loss, 4).tolist() == [0, 0, 0, 2]  # no cap binds: the plain argmin
+    # cap 2 on column 0: rows 2 (gap 0.4) and 0 (gap 0.7) prefer it most; row 1 (gap 0.1) goes to its next best
+    assert capped_argmin(loss, 2).tolist() == [0, 1, 0, 2]
+    counts = torch.bincount(capped_argmin(torch.rand(64, 4, generator=torch.Generator().manual_seed(0)), 16), minlength=4)
+    assert counts.tolist() == [16, 16, 16, 16]
+
+
+def test_loss_route_loss_targets_the_capped_lowest_loss_leaf():
+    from benchmarks.ablate_recipe import capped_argmin, loss_route_loss
+    import torch.nn.functional as F
+    tree = _tree().train()
+    sb.set_routing(tree, "soft")
+    x, y = images(8, seed=3), torch.arange(8) % 10
+    base = ft.training_loss
+    with loss_route_loss(1.5):
+        out = tree(x)
+        loss, parts = ft.training_loss(tree, out, y)
+    assert ft.training_loss is base
+    plain, _ = base(tree, out, y)
+    state = sb.tree_state(tree)
+    paths, probs = state.last_paths, state.last_leaf_probs
+    per = torch.full((8, 4), float("inf"))
+    per[paths.sample, paths.leaf] = F.cross_entropy(paths.output, y[paths.sample], reduction="none").detach()
+    goal = capped_argmin(per, 2)
+    torch.testing.assert_close(loss, plain + 1.5 * -probs.clamp_min(1e-8).log().gather(1, goal[:, None]).mean())
+    assert parts["route"] > 0 and torch.bincount(goal, minlength=4).max() <= 2
