@@ -129,7 +129,10 @@ def summarize(rows: List[dict]) -> dict:
             s["margins"][tree] = {}
             for target in targets:
                 sig = _mean(mr, tree, target)
-                best = max([(_mean(mr, m, target) or 0.0, m) for m in statics] or [(0.0, "none")])
+                measured = [(_mean(mr, m, target), m) for m in statics if _mean(mr, m, target) is not None]
+                if not measured:  # a budget only the tree ran at (to read the matched top-1): no margin
+                    continue
+                best = max(measured)
                 s["margins"][tree][str(target)] = {"sigmab": sig, "best_static": best[1], "best_static_top1": best[0],
                                                    "margin_pp": 100 * (sig - best[0])}
             points = {_mean(mr, tree, t, "active_fraction"): _mean(mr, tree, t) for t in targets}

@@ -152,3 +152,13 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {"decisive_weight": 0.5}}) == "fpgm"  # no router
     assert variant({**plain, "finetune": {"top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
 
+
+
+def test_a_budget_only_the_tree_ran_at_has_no_margin_but_reads_the_matched_fraction():
+    rows = [{**_row(m, f, t), "run": f"m_f{tgt}", "target": tgt, "variant": m}
+            for m, f, t, tgt in [("sigmab", 0.29, 0.80, 0.3), ("fpgm", 0.29, 0.78, 0.3), ("sigmab", 0.39, 0.83, 0.4),
+                                 ("fpgm", 0.39, 0.82, 0.4), ("sigmab", 0.43, 0.84, 0.45), ("fpgm", 0.53, 0.835, 0.55)]]
+    s = report_long.summarize(rows)["pointnet2_ssg"]
+    assert set(s["margins"]["sigmab"]) == {"0.3", "0.4"}  # no static row at 0.45: no margin against 0%
+    frac, extrapolated = s["sigmab_fraction_at_static_0.55"]["sigmab"]
+    assert frac == pytest.approx(0.41) and not extrapolated  # between the 0.39 and 0.43 runs
