@@ -99,16 +99,20 @@ def class_leaves(tree, images, labels, normalize, num_classes: int) -> torch.Ten
 
 
 @contextlib.contextmanager
-def route_loss(weight: float, leaf_of_class: torch.Tensor):
-    """Adds ``weight * CE(leaf probabilities, leaf of the label)`` to the training loss of a tree."""
+def _route_term(weight: float, goal_of):
+    """Adds ``weight * CE(leaf probabilities, goal)`` to the training loss of a tree under soft routing, where
+    ``goal_of(state, target)`` gives each sample's target leaf; restores the loss on exit."""
     import sigmab_plugin.finetune as ft
     base = ft.training_loss
 
     def loss(model, logits, target, **kw):
         total, parts = base(model, logits, target, **kw)
-        probs = sb.tree_state(model).last_leaf_probs
-        if probs is not None and probs.shape[0] == target.shape[0]:
-            r = -probs.clamp_min(1e-8).log().gather(1, leaf_of_class.to(target.device)[target][:, None]).mean()
+        state = sb.tree_state(model)
+        probs = state.last_leaf_probs
+        if probs is not None and state.last_paths is not None and probs.shape[0] == target.shape[0]:
+            with torch.no_grad():
+                goal = goal_of(state, target)
+            r = -probs.clamp_min(1e-8).log().gather(1, goal[:, None]).mean()
             total = total + weight * r
             parts["route"] = float(r.detach())
         return total, parts
@@ -117,6 +121,11 @@ def route_loss(weight: float, leaf_of_class: torch.Tensor):
         yield
     finally:
         ft.training_loss = base
+
+
+def route_loss(weight: float, leaf_of_class: torch.Tensor):
+    """Adds ``weight * CE(leaf probabilities, leaf of the label)`` to the training loss of a tree."""
+    return _route_term(weight, lambda _state, target: leaf_of_class.to(target.device)[target])
 
 
 def capped_argmin(loss: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -135,38 +144,22 @@ def capped_argmin(loss: torch.Tensor, capacity: int) -> torch.Tensor:
         j = next(c for c in ranked[i].tolist() if free[c] > 0)
         free[j] -= 1
         out[i] = j
-    return out.to(loss.device)
+    return out
 
 
-@contextlib.contextmanager
 def loss_route_loss(weight: float):
     """Adds ``weight * CE(leaf probabilities, capped lowest-loss leaf)`` to the training loss of a tree under
     soft routing: the target of each sample is the leaf whose path has the lowest cross-entropy on it,
     with each leaf capped at an equal share of the batch (``capped_argmin``)."""
     import torch.nn.functional as F
 
-    import sigmab_plugin.finetune as ft
-    base = ft.training_loss
-
-    def loss(model, logits, target, **kw):
-        total, parts = base(model, logits, target, **kw)
-        state = sb.tree_state(model)
-        probs, paths = state.last_leaf_probs, state.last_paths
-        if probs is not None and paths is not None and probs.shape[0] == target.shape[0]:
-            with torch.no_grad():
-                per_path = probs.new_full(probs.shape, float("inf"))
-                per_path[paths.sample, paths.leaf] = F.cross_entropy(paths.output.float(), target[paths.sample],
-                                                                     reduction="none")
-                goal = capped_argmin(per_path.cpu(), -(-len(target) // probs.shape[1]))
-            r = -probs.clamp_min(1e-8).log().gather(1, goal[:, None]).mean()
-            total = total + weight * r
-            parts["route"] = float(r.detach())
-        return total, parts
-    ft.training_loss = loss
-    try:
-        yield
-    finally:
-        ft.training_loss = base
+    def goal_of(state, target):
+        paths, probs = state.last_paths, state.last_leaf_probs
+        per_path = probs.new_full(probs.shape, float("inf"))
+        per_path[paths.sample, paths.leaf] = F.cross_entropy(paths.output.float(), target[paths.sample],
+                                                             reduction="none")
+        return capped_argmin(per_path.cpu(), -(-len(target) // probs.shape[1])).to(target.device)
+    return _route_term(weight, goal_of)
 
 
 def parse(argv=None):
