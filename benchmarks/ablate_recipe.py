@@ -185,6 +185,9 @@ def parse(argv=None):
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     a = parse(argv)
+    both = [n for n in a.variants if VARIANTS[n][2].get("route_weight") and VARIANTS[n][2].get("loss_route_weight")]
+    if both:  # one would silently not train
+        raise ValueError(f"variants {both} set route_weight and loss_route_weight, two routing targets; set one")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -257,6 +260,13 @@ def main(argv=None) -> None:
               f"({row['seconds']:.0f}s, {row['train_images_per_second']:.0f} img/s)", flush=True)
 
 
+def _last(r: dict) -> str:
+    """The tree's last-epoch mean leaf entropy and route loss (when a route term trained it)."""
+    last = (r.get("history") or [{}])[-1]
+    ent = f"{last['leaf_entropy']:.2f}" if "leaf_entropy" in last else ""
+    return ent + (f" / {last['route']:.2f}" if "route" in last else "")
+
+
 def report(done: dict, dest: str) -> None:
     a, m = done["args"], done["machine"]
     lines = [f"# Recipe ablation: {a['model']} on {a['data']}, target active fraction {a['target_fraction']}",
@@ -266,17 +276,18 @@ def report(done: dict, dest: str) -> None:
              "from the training set (validation, not the test set). Conditional gain = routed top-1 minus the "
              "best single leaf applied to every input; oracle = a sample counts when any leaf is right.", "",
              "| variant | method | KD | active | val top-1 before FT | val top-1 | best leaf | oracle | cond. gain (pp) "
-             "| leaf shares (%) | train img/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| leaf shares (%) | train img/s | last epoch: leaf entropy / route loss (nats) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in done["rows"].items():
         tree = "leaf_histogram" in r
         shares = "/".join(f"{100 * h / max(1, sum(r['leaf_histogram'])):.0f}" for h in r["leaf_histogram"]) if tree else ""
         pre = "" if r.get("top1_before_finetune") is None else f"{100 * r['top1_before_finetune']:.2f}"
         lines.append(f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
                      f"{pre} | {100 * r['top1']:.2f} | {100 * r['best_leaf_top1']:.2f} | {100 * r['oracle_top1']:.2f} | "
-                     f"{100 * r['conditional_gain']:+.2f} | {shares} | {r['train_images_per_second']:.0f} |" if tree else
+                     f"{100 * r['conditional_gain']:+.2f} | {shares} | {r['train_images_per_second']:.0f} | {_last(r)} |"
+                     if tree else
                      f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
-                     f"{pre} | {100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} |")
+                     f"{pre} | {100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} | |")
     Path(dest).write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
 

@@ -1,5 +1,6 @@
 """The class-grouped routing experiment of benchmarks/ablate_recipe.py: a balanced class->leaf
 assignment, and a route loss that reaches training and is removed afterwards."""
+import pytest
 import torch
 
 import sigmab_plugin as sb
@@ -70,3 +71,22 @@ def test_loss_route_loss_targets_the_capped_lowest_loss_leaf():
     goal = capped_argmin(per, 2)
     torch.testing.assert_close(loss, plain + 1.5 * -probs.clamp_min(1e-8).log().gather(1, goal[:, None]).mean())
     assert parts["route"] > 0 and torch.bincount(goal, minlength=4).max() <= 2
+
+
+def test_ablation_report_shows_the_last_epochs_leaf_entropy_and_route_loss(tmp_path, monkeypatch):
+    import benchmarks.ablate_recipe as ar
+    row = {"method": "sigmab", "distilled": True, "active_fraction": 0.39, "top1_before_finetune": 0.2, "top1": 0.78,
+           "best_leaf_top1": 0.77, "oracle_top1": 0.88, "conditional_gain": 0.01, "leaf_histogram": [1, 1, 1, 1],
+           "train_images_per_second": 200.0, "history": [{"leaf_entropy": 1.3, "route": 1.5},
+                                                          {"leaf_entropy": 1.15, "route": 1.58}]}
+    plain = {**row, "history": [{"leaf_entropy": 0.48}]}
+    done = {"args": {"model": "m", "data": "d", "target_fraction": 0.4, "epochs": 3, "train_limit": 1, "val_size": 1},
+            "machine": {"commit": "c", "cpu": "x", "threads": 2, "date": "t"}, "rows": {"lr": row, "plain": plain}}
+    ar.report(done, str(tmp_path / "r.md"))
+    text = (tmp_path / "r.md").read_text()
+    assert "| 200 | 1.15 / 1.58 |" in text and "| 200 | 0.48 |" in text
+    # two routing targets at once would silently train only one: refused
+    monkeypatch.setitem(ar.VARIANTS, "both", ("sigmab", {}, dict(route_weight=1.0, loss_route_weight=1.0), True))
+    monkeypatch.setattr(ar, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded data")))
+    with pytest.raises(ValueError, match=r"\['both'\] set route_weight and loss_route_weight"):
+        ar.main(["--variants", "both", "--out", str(tmp_path / "out")])
