@@ -9,6 +9,9 @@ a rerun skips what is done (resume after an interruption), and ``--report`` writ
 
     python -m benchmarks.ablate_recipe --out runs/ablate_r20 --variants expected_kd bias
     python -m benchmarks.ablate_recipe --out runs/ablate_r20 --report benchmarks/results/ablate_r20.md
+
+``--track`` also scores the validation split after every epoch (each tree with its best leaf and
+conditional gain); the report then adds a per-epoch table and a plot beside it.
 """
 from __future__ import annotations
 
@@ -133,11 +136,12 @@ def capped_argmin(loss: torch.Tensor, capacity: int) -> torch.Tensor:
     of how much they prefer their best column (the gap to their second best), and a full column passes
     the row on to its next best. ``loss`` is (rows, columns); needs ``capacity * columns >= rows``."""
     n, k = loss.shape
-    if capacity * k < n:
-        raise ValueError(f"capacity {capacity} x {k} columns cannot hold {n} rows")
+    if k < 2 or capacity * k < n:
+        raise ValueError(f"capacity {capacity} x {k} columns cannot hold {n} rows, or fewer than 2 columns to choose "
+                         "from (a tree has at least 2 leaves)")
     ranked = loss.argsort(1)
-    best2 = loss.gather(1, ranked[:, :2]) if k > 1 else loss
-    order = (best2[:, 1] - best2[:, 0]).argsort(descending=True).tolist() if k > 1 else range(n)
+    best2 = loss.gather(1, ranked[:, :2])
+    order = (best2[:, 1] - best2[:, 0]).argsort(descending=True).tolist()
     free = [capacity] * k
     out = torch.empty(n, dtype=torch.long)
     for i in order:
@@ -178,6 +182,10 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default="runs/ablate")
+    ap.add_argument("--track", action="store_true",
+                    help="score the validation split after every epoch (with each tree's leaf diagnostics): the "
+                         "report then adds a per-epoch table and plot, e.g. to see whether the leaves specialise "
+                         "with longer training")
     ap.add_argument("--report", default=None, help="write a markdown table of results.json here and stop")
     return ap.parse_args(argv)
 
@@ -241,7 +249,8 @@ def main(argv=None) -> None:
         elif loss_route_weight:
             extra = loss_route_loss(loss_route_weight)
         with extra:
-            hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True)
+            hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True,
+                            **(dict(test=val, diagnostics=True) if a.track else {}))
         ev = evaluate(model, *val, data.normalize, diagnostics=sb.is_branched(model))
         params = sb.param_report(model)["active_params_max"] if sb.is_branched(model) else \
             sum(p.numel() for p in model.parameters())
@@ -288,8 +297,51 @@ def report(done: dict, dest: str) -> None:
                      if tree else
                      f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
                      f"{pre} | {100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} | |")
+    lines += per_epoch(done["rows"], dest)
     Path(dest).write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")
+
+
+def per_epoch(rows: dict, dest: str) -> list:
+    """The per-epoch validation top-1 (and each tree's conditional gain) of the variants run with ``--track``, as
+    a table and a plot beside ``dest``; nothing when no variant was tracked."""
+    tracked = {n: [h for h in r["history"] if "test_top1" in h] for n, r in rows.items()}
+    tracked = {n: h for n, h in tracked.items() if h}
+    if not tracked:
+        return []
+    epochs = max(len(h) for h in tracked.values())
+    lines = ["", "## Per epoch (validation top-1 %; trees: routed / best leaf / conditional gain pp)", "",
+             "| variant | " + " | ".join(str(e + 1) for e in range(epochs)) + " |", "|---|" + "---|" * epochs]
+
+    def cell(h):
+        if "test_best_leaf_top1" not in h:
+            return f"{100 * h['test_top1']:.2f}"
+        return f"{100 * h['test_top1']:.2f} / {100 * h['test_best_leaf_top1']:.2f} / {100 * h['test_conditional_gain']:+.2f}"
+    for name, hist in tracked.items():
+        lines.append(f"| {name} | " + " | ".join(cell(h) for h in hist) + " |" * (epochs - len(hist) + 1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, hist in tracked.items():
+        x = range(1, len(hist) + 1)
+        line, = ax.plot(x, [100 * h["test_top1"] for h in hist], marker="o", label=name)
+        if "test_best_leaf_top1" in hist[0]:
+            ax.plot(x, [100 * h["test_best_leaf_top1"] for h in hist], ls=":", color=line.get_color())
+            gx.plot(x, [100 * h["test_conditional_gain"] for h in hist], marker="o", color=line.get_color(), label=name)
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="routed (solid), best single leaf (dotted)")
+    gx.set(xlabel="epoch", ylabel="conditional gain (pp)", title="routed minus best leaf")
+    ax.legend(fontsize=8)
+    for axis in (ax, gx):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    gx.axhline(0, color="grey", lw=0.5)
+    fig.tight_layout()
+    png = Path(dest).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return lines + ["", f"![per-epoch validation top-1]({png.name})"]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ def test_capped_argmin_gives_the_best_leaf_within_capacity():
     assert capped_argmin(loss, 2).tolist() == [0, 1, 0, 2]
     counts = torch.bincount(capped_argmin(torch.rand(64, 4, generator=torch.Generator().manual_seed(0)), 16), minlength=4)
     assert counts.tolist() == [16, 16, 16, 16]
+    with pytest.raises(ValueError, match="cannot hold 5 rows"):
+        capped_argmin(torch.rand(5, 2), 2)
+    with pytest.raises(ValueError, match="fewer than 2 columns"):
+        capped_argmin(torch.rand(3, 1), 3)
 
 
 def test_loss_route_loss_targets_the_capped_lowest_loss_leaf():
@@ -90,3 +94,28 @@ def test_ablation_report_shows_the_last_epochs_leaf_entropy_and_route_loss(tmp_p
     monkeypatch.setattr(ar, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded data")))
     with pytest.raises(ValueError, match=r"\['both'\] set route_weight and loss_route_weight"):
         ar.main(["--variants", "both", "--out", str(tmp_path / "out")])
+
+
+def test_track_scores_every_epoch_and_the_report_plots_it(tmp_path):
+    import json
+    import benchmarks.ablate_recipe as ar
+    common = ["--data", "digits", "--checkpoint", "", "--train-limit", "128", "--val-size", "64", "--epochs", "2",
+              "--batch-size", "64", "--variants", "bal2_nocover", "fpgm_kd"]
+    ar.main(common + ["--track", "--out", str(tmp_path / "tracked")])
+    rows = json.loads((tmp_path / "tracked" / "results.json").read_text())["rows"]
+    tree, static = rows["bal2_nocover"]["history"], rows["fpgm_kd"]["history"]
+    assert len(tree) == len(static) == 2
+    assert all("test_conditional_gain" in h and "test_best_leaf_top1" in h for h in tree)
+    assert all("test_top1" in h and "test_conditional_gain" not in h for h in static)
+    assert tree[-1]["test_top1"] == pytest.approx(rows["bal2_nocover"]["top1"])  # the last epoch is the final score
+    ar.main(["--out", str(tmp_path / "tracked"), "--report", str(tmp_path / "r.md")])
+    text = (tmp_path / "r.md").read_text()
+    assert "## Per epoch" in text and (tmp_path / "r.png").is_file()
+    g = 100 * tree[1]["test_conditional_gain"]
+    assert f"| bal2_nocover | {100 * tree[0]['test_top1']:.2f} / " in text and f"/ {g:+.2f} |" in text
+    # without --track no epoch is scored, and the report has no per-epoch part
+    ar.main(common[:-1] + ["--out", str(tmp_path / "plain")])
+    assert all("test_top1" not in h for h in json.loads((tmp_path / "plain" / "results.json").read_text())
+               ["rows"]["bal2_nocover"]["history"])
+    ar.main(["--out", str(tmp_path / "plain"), "--report", str(tmp_path / "p.md")])
+    assert "## Per epoch" not in (tmp_path / "p.md").read_text() and not (tmp_path / "p.png").exists()
