@@ -157,13 +157,15 @@ def _row(r: dict, dense: Optional[float]) -> str:
             f"{'' if ips is None else f'{ips:.0f}'} |")
 
 
-def plot(rows: List[dict], path: Path) -> None:
+def plot(rows: List[dict], path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
+    names = sorted({r["variant"] for r in rows if r["method"] != "dense"})
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per variant in every panel
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
@@ -176,7 +178,7 @@ def plot(rows: List[dict], path: Path) -> None:
             if xs:
                 ax.errorbar(xs, [mean(pts[x]) for x in xs], yerr=[[mean(pts[x]) - min(pts[x]) for x in xs],
                                                                    [max(pts[x]) - mean(pts[x]) for x in xs]],
-                            marker="o", capsize=3, label=name)
+                            marker="o", capsize=3, label=name, color=color[name])
         dense = [100 * r["top1"] for r in mr if r["method"] == "dense"]
         if dense:
             ax.axhline(mean(dense), color="grey", ls="--", label="dense")
@@ -187,6 +189,7 @@ def plot(rows: List[dict], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benchmarks/long_comparison.sh",

@@ -162,3 +162,14 @@ def test_a_budget_only_the_tree_ran_at_has_no_margin_but_reads_the_matched_fract
     assert set(s["margins"]["sigmab"]) == {"0.3", "0.4"}  # no static row at 0.45: no margin against 0%
     frac, extrapolated = s["sigmab_fraction_at_static_0.55"]["sigmab"]
     assert frac == pytest.approx(0.41) and not extrapolated  # between the 0.39 and 0.43 runs
+
+
+def test_plot_gives_each_method_one_colour_in_every_panel(tmp_path):
+    from benchmarks.report_long import plot
+    rows = [{"model": m, "data": "d", "variant": v, "method": v, "active_fraction": f, "top1": 0.8}
+            for m, vs in (("a", ("hrank", "sigmab")), ("b", ("fpgm", "sigmab"))) for v in vs for f in (0.3, 0.4)]
+    fig = plot(rows, tmp_path / "p.png")
+    colours = [{label: h.lines[0].get_color() for h, label in zip(*ax.get_legend_handles_labels())}
+               for ax in fig.axes]
+    assert colours[0]["sigmab"] == colours[1]["sigmab"]
+    assert len({*colours[0].values(), *colours[1].values()}) == 3  # hrank, fpgm and sigmab all differ
