@@ -64,6 +64,7 @@ VARIANTS = {
                      dict(balance_weight=2.0), True),
     "split_l1_l31": ("sigmab", {"coverage": False, "split_points": ["layer1", "layer3.1"]},
                      dict(balance_weight=2.0), True),
+    "d3_nocover": ("sigmab", {"coverage": False, "depth": 3}, dict(balance_weight=2.0), True),  # 8 leaves
     "d1_l2": ("sigmab", {"coverage": False, "depth": 1, "split_points": ["layer2"]}, dict(balance_weight=2.0), True),
     # class-grouped routing: each class is given a leaf (a balanced assignment that agrees most with
     # the calibrated tree's own routing of the training images), and the leaf probabilities get a
