@@ -221,14 +221,14 @@ def main(argv=None) -> None:
             print(f"{name}: done ({100 * done['rows'][name]['top1']:.2f}%)")
             continue
         method, bopts, ftopts, distill = VARIANTS[name]
-        key = json.dumps(bopts, sort_keys=True)
-        if key not in trees:
-            trees[key] = get_method("sigmab").prepare(
-                RunContext(dense, calib, budget, {**opts, **bopts}, classifier_name(dense), a.seed, a.target_fraction))
-        tree = trees[key]
-        keep = sb.tree_state(tree).spec["config"]["keep_ratio"]
-        if method == "sigmab":
-            model = copy.deepcopy(tree)
+        keep = None
+        if method == "sigmab":  # one tree per set of branch() options, copied for each variant that uses it
+            key = json.dumps(bopts, sort_keys=True)
+            if key not in trees:
+                trees[key] = get_method("sigmab").prepare(RunContext(
+                    dense, calib, budget, {**opts, **bopts}, classifier_name(dense), a.seed, a.target_fraction))
+            model = copy.deepcopy(trees[key])
+            keep = sb.tree_state(model).spec["config"]["keep_ratio"]
         else:
             run = RunContext(dense, calib, budget, opts, classifier_name(dense), a.seed)
             model = get_method(method).prepare(run)
@@ -258,7 +258,7 @@ def main(argv=None) -> None:
         row = {"method": method, "branch": bopts, "finetune": cfg.to_dict(), "distilled": distill,
                "route_weight": route_weight, "loss_route_weight": loss_route_weight, "top1_before_finetune": top1_before,
                "reconstruction": reconstruction, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
-               "keep_ratio": keep if method == "sigmab" else None,
+               "keep_ratio": keep,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),
                "seconds": time.perf_counter() - t0, "history": hist, **ev}

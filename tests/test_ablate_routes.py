@@ -114,8 +114,8 @@ def test_track_scores_every_epoch_and_the_report_plots_it(tmp_path):
     g = 100 * tree[1]["test_conditional_gain"]
     assert f"| bal2_nocover | {100 * tree[0]['test_top1']:.2f} / " in text and f"/ {g:+.2f} |" in text
     # without --track no epoch is scored, and the report has no per-epoch part
-    ar.main(common[:-1] + ["--out", str(tmp_path / "plain")])
+    ar.main(common[:-2] + ["fpgm_kd", "--out", str(tmp_path / "plain")])
     assert all("test_top1" not in h for h in json.loads((tmp_path / "plain" / "results.json").read_text())
-               ["rows"]["bal2_nocover"]["history"])
+               ["rows"]["fpgm_kd"]["history"])
     ar.main(["--out", str(tmp_path / "plain"), "--report", str(tmp_path / "p.md")])
     assert "## Per epoch" not in (tmp_path / "p.md").read_text() and not (tmp_path / "p.png").exists()
