@@ -173,3 +173,14 @@ def test_plot_gives_each_method_one_colour_in_every_panel(tmp_path):
                for ax in fig.axes]
     assert colours[0]["sigmab"] == colours[1]["sigmab"]
     assert len({*colours[0].values(), *colours[1].values()}) == 3  # hrank, fpgm and sigmab all differ
+
+
+def test_keep_ratio_steps_are_whole_channels():
+    from benchmarks.keep_ratio_steps import steps
+    from conftest import images, make_model
+    dense = make_model("resnet")
+    got = steps(dense, images(64), [0.5, 0.5, 0.75, 1.0], depth=1, seed=0)
+    fractions = [f for _, f in got]
+    assert fractions[0] == fractions[1] and fractions[1] < fractions[2] < fractions[3]  # same keep, same tree
+    assert [k for k, _ in got] == [0.5, 0.5, 0.75, 1.0]
+    assert sum(p.numel() for p in dense.parameters()) == sum(p.numel() for p in make_model("resnet").parameters())
