@@ -93,6 +93,12 @@ def make_teacher(dense: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+def calibration_set(train, normalize, size: int, seed: int, device="cpu") -> torch.Tensor:
+    """The ``size`` normalized training inputs every method of a run is built from (seeded by ``seed``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return normalize(train.images[torch.randperm(len(train.labels), generator=g)[:size]].to(device))
+
+
 def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     cfg.validate()
     started = machine()  # the commit whose code runs: a long run can end after later commits
@@ -120,8 +126,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     dense.eval()
     dense_params = sum(p.numel() for p in dense.parameters())
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    calib = data.normalize(train.images[torch.randperm(len(train.labels), generator=g)[:cfg.calib_size]].to(cfg.device))
+    calib = calibration_set(train, data.normalize, cfg.calib_size, cfg.seed, cfg.device)
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio)
     run = RunContext(dense, calib, None, opts, classifier_name(dense), cfg.seed, cfg.target_fraction)
     prepared = {}  # method -> (model, seconds)

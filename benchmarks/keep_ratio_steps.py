@@ -30,25 +30,24 @@ def steps(dense: nn.Module, calib: torch.Tensor, keeps: List[float], **branch_op
 
 def main(argv=None) -> None:
     from sigmab_plugin.baselines.data import load_dataset
+    from sigmab_plugin.baselines.harness import HarnessConfig, calibration_set
     from sigmab_plugin.baselines.models import create_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--checkpoint", default=None, help="default: ../shared/weights/<the model's CIFAR checkpoint>")
+    ap.add_argument("--checkpoint", default="../shared/weights/resnet20-12fca82f.th")
     ap.add_argument("--data", default="cifar10-jpeg")
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--keeps", type=float, nargs="+", required=True)
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    ckpt = a.checkpoint or {"resnet20": "../shared/weights/resnet20-12fca82f.th",
-                            "resnet56": "../shared/weights/resnet56-4bfd9763.th"}.get(a.model)
-    data = load_dataset(a.data, seed=0)
-    dense = create_model(a.model, data.num_classes, ckpt, "A").eval()
-    g = torch.Generator().manual_seed(1)  # the harness's calibration set at seed 0
-    calib = data.normalize(data.train.images[torch.randperm(len(data.train.labels), generator=g)[:512]])
-    for k, f in steps(dense, calib, a.keeps, depth=a.depth, prune_residual=True, coverage=False, seed=0):
+    cfg = HarnessConfig(model=a.model, data=a.data, checkpoint=a.checkpoint, shortcut="A", depth=a.depth)
+    data = load_dataset(cfg.data, seed=cfg.seed)
+    dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut).eval()
+    calib = calibration_set(data.train, data.normalize, cfg.calib_size, cfg.seed)
+    for k, f in steps(dense, calib, a.keeps, depth=cfg.depth, prune_residual=cfg.prune_residual,
+                      coverage=cfg.coverage, seed=cfg.seed):
         print(f"keep {k:.4f}  active fraction {f:.4f}", flush=True)
-
 
 if __name__ == "__main__":
     main()
