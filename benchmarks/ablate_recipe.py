@@ -12,6 +12,11 @@ a rerun skips what is done (resume after an interruption), and ``--report`` writ
 
 ``--track`` also scores the validation split after every epoch (each tree with its best leaf and
 conditional gain); the report then adds a per-epoch table and a plot beside it.
+
+Point clouds: ``--data modelnet40 --model pointnet2_ssg --width 0.25 --checkpoint <dense checkpoint>`` (the
+data set's own augmentation is used). ``--val-tail`` takes the validation images from the *end* of the seeded
+permutation, so a dense model pretrained by ``compare_baselines.py --train-limit <training images - val-size>``
+with the same seed never saw them.
 """
 from __future__ import annotations
 
@@ -172,12 +177,17 @@ def parse(argv=None):
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--checkpoint", default="../shared/weights/resnet20-12fca82f.th")
     ap.add_argument("--shortcut", default="A")
+    ap.add_argument("--width", type=float, default=None, help="width multiplier of models that take one (pointnet2_*)")
     ap.add_argument("--data", default="cifar10-jpeg")
     ap.add_argument("--target-fraction", type=float, default=0.4)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-limit", type=int, default=10000)
     ap.add_argument("--val-size", type=int, default=5000, help="images held out from the training set")
+    ap.add_argument("--val-tail", action="store_true",
+                    help="hold out the last --val-size images of the seeded permutation (not the ones after "
+                         "--train-limit): the images a dense model pretrained with compare_baselines.py "
+                         "--train-limit <N - val-size> and the same seed did not see")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -207,10 +217,17 @@ def main(argv=None) -> None:
     data = load_dataset(a.data, seed=a.seed)
     g = torch.Generator().manual_seed(a.seed)
     perm = torch.randperm(len(data.train.labels), generator=g)
-    tr, va = perm[:a.train_limit], perm[a.train_limit:a.train_limit + a.val_size]
+    n = len(perm)
+    if a.train_limit + a.val_size > n:
+        raise ValueError(f"--train-limit {a.train_limit} + --val-size {a.val_size} exceeds the {n} training images of "
+                         f"{a.data}; lower one of them")
+    tr = perm[:a.train_limit]
+    va = perm[n - a.val_size:] if a.val_tail else perm[a.train_limit:a.train_limit + a.val_size]
     train = (data.train.images[tr], data.train.labels[tr])
     val = (data.train.images[va], data.train.labels[va])
-    dense = create_model(a.model, data.num_classes, a.checkpoint, a.shortcut).eval()
+    dense = create_model(a.model, data.num_classes, a.checkpoint, a.shortcut,
+                         **({} if a.width is None else {"width": a.width})).eval()
+    augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: finetune's pad-4 crop
     calib = data.normalize(data.train.images[perm[:512]])
     opts = dict(depth=a.depth, prune_residual=True, coverage=True, progress=False, seed=a.seed)
     dense_params = sum(p.numel() for p in dense.parameters())
@@ -251,6 +268,7 @@ def main(argv=None) -> None:
             extra = loss_route_loss(loss_route_weight)
         with extra:
             hist = finetune(model, *train, data.normalize, cfg, teacher=teacher, out_dir=out / name, resume=True,
+                            augment=augment,
                             **(dict(test=val, diagnostics=True) if a.track else {}))
         ev = evaluate(model, *val, data.normalize, diagnostics=sb.is_branched(model))
         params = sb.param_report(model)["active_params_max"] if sb.is_branched(model) else \
@@ -258,7 +276,7 @@ def main(argv=None) -> None:
         row = {"method": method, "branch": bopts, "finetune": cfg.to_dict(), "distilled": distill,
                "route_weight": route_weight, "loss_route_weight": loss_route_weight, "top1_before_finetune": top1_before,
                "reconstruction": reconstruction, "leaf_of_class": None if leaf_of_class is None else leaf_of_class.tolist(),
-               "keep_ratio": keep,
+               "keep_ratio": keep, "variants_of_run": a.variants,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),
                "seconds": time.perf_counter() - t0, "history": hist, **ev}
@@ -283,7 +301,9 @@ def report(done: dict, dest: str) -> None:
              "", f"Command: `python -m benchmarks.ablate_recipe --out <dir> ...` with {json.dumps(a)}; "
              f"commit {m['commit']}, {m['cpu']} ({m['threads']} threads), {m['date']}.", "",
              f"{a['epochs']} epochs on {a['train_limit']} training images; top-1 on {a['val_size']} images held out "
-             "from the training set (validation, not the test set). Conditional gain = routed top-1 minus the "
+             "from the training set (validation, not the test set" + ("; the last of the seeded permutation, which "
+             "the dense model's pretraining did not see" if a.get("val_tail") else "") + "). Conditional gain = "
+             "routed top-1 minus the "
              "best single leaf applied to every input; oracle = a sample counts when any leaf is right.", "",
              "| variant | method | KD | active | val top-1 before FT | val top-1 | best leaf | oracle | cond. gain (pp) "
              "| leaf shares (%) | train img/s | last epoch: leaf entropy / route loss (nats) |",
@@ -298,6 +318,11 @@ def report(done: dict, dest: str) -> None:
                      if tree else
                      f"| {name} | {r['method']} | {'yes' if r['distilled'] else 'no'} | {r['active_fraction']:.3f} | "
                      f"{pre} | {100 * r['top1']:.2f} | | | | | {r['train_images_per_second']:.0f} | |")
+    later = {n: r["variants_of_run"] for n, r in done["rows"].items()
+             if r.get("variants_of_run") not in (None, a.get("variants"))}
+    if later:  # rows appended by a later run with other --variants (the command above names the first run's)
+        lines += ["", "Rows added by later runs into the same folder (their `--variants`): " + "; ".join(
+            f"{n} (`{' '.join(v)}`)" for n, v in later.items()) + "."]
     lines += per_epoch(done["rows"], dest)
     Path(dest).write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")

@@ -119,3 +119,49 @@ def test_track_scores_every_epoch_and_the_report_plots_it(tmp_path):
                ["rows"]["fpgm_kd"]["history"])
     ar.main(["--out", str(tmp_path / "plain"), "--report", str(tmp_path / "p.md")])
     assert "## Per epoch" not in (tmp_path / "p.md").read_text() and not (tmp_path / "p.png").exists()
+
+
+def test_val_tail_width_and_augmentation_reach_the_run(tmp_path, monkeypatch):
+    """--val-tail holds out the *last* images of the seeded permutation (unseen by a dense model pretrained with
+    compare_baselines --train-limit N - val-size), --width reaches the model, the data set's augmentation reaches
+    finetune, an impossible split is refused, and a later run's rows are named in the report."""
+    import json
+    import benchmarks.ablate_recipe as ar
+    from sigmab_plugin.baselines.data import load_dataset
+    data = load_dataset("digits")
+    marker = lambda x, g: x  # noqa: E731
+    data.augment = marker
+    monkeypatch.setattr(ar, "load_dataset", lambda *a, **k: data)
+    real_create, seen = ar.create_model, {}
+
+    def create(*args, **kw):
+        seen["width"] = kw.pop("width", None)
+        return real_create(*args, **kw)
+
+    def fake_finetune(model, images, labels, norm, cfg, **kw):
+        seen["train"], seen["augment"] = images, kw["augment"]
+        return [{"seconds": 1.0}]
+
+    def fake_evaluate(model, images, labels, norm, **kw):
+        seen["val"] = images
+        return {"top1": 0.5}
+    monkeypatch.setattr(ar, "create_model", create)
+    monkeypatch.setattr(ar, "finetune", fake_finetune)
+    monkeypatch.setattr(ar, "evaluate", fake_evaluate)
+    common = ["--data", "digits", "--checkpoint", "", "--train-limit", "100", "--val-size", "64", "--epochs", "1"]
+    ar.main(common + ["--val-tail", "--width", "0.5", "--variants", "fpgm_kd", "--out", str(tmp_path / "a")])
+    perm = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen["val"], data.train.images[perm[-64:]])
+    assert torch.equal(seen["train"], data.train.images[perm[:100]])
+    assert seen["width"] == 0.5 and seen["augment"] is marker
+    ar.main(common + ["--variants", "fpgm", "--out", str(tmp_path / "b")])  # default: the images after the training ones
+    assert torch.equal(seen["val"], data.train.images[perm[100:164]]) and seen["width"] is None
+    with pytest.raises(ValueError, match="--train-limit 1790 \\+ --val-size 64 exceeds"):
+        ar.main(["--data", "digits", "--checkpoint", "", "--train-limit", "1790", "--val-size", "64",
+                 "--variants", "fpgm", "--out", str(tmp_path / "c")])
+    ar.main(common + ["--val-tail", "--variants", "fpgm", "--out", str(tmp_path / "a")])  # a later run, same folder
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["rows"]["fpgm"]["variants_of_run"] == ["fpgm"]
+    ar.main(["--out", str(tmp_path / "a"), "--report", str(tmp_path / "r.md")])
+    text = (tmp_path / "r.md").read_text()
+    assert "Rows added by later runs into the same folder (their `--variants`): fpgm (`fpgm`)." in text
+    assert "which the dense model's pretraining did not see" in text
