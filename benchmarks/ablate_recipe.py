@@ -58,6 +58,8 @@ VARIANTS = {
     # that hedge balance the mass but not the decisions: ModelNet40 mass 24/24/26/26%, routing 5/2/58/35%)
     "nocover_decisive05": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=0.5), True),
     "nocover_decisive2": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, decisive_weight=2.0), True),
+    # hard-share balancing: router offsets stepped towards equal argmax shares (against routers that hedge)
+    "nocover_rate05": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, balance_rate=0.05), True),
     # least-squares refit of every pruned layer to the dense one on the node's calibration samples (sb.reconstruct)
     "nocover_recon": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, reconstruct={}), True),
     "nocover_recon_r1": ("sigmab", {"coverage": False},
