@@ -32,6 +32,7 @@ import torch
 
 import sigmab_plugin as sb
 from sigmab_plugin.baselines.data import load_dataset
+from sigmab_plugin.baselines.harness import make_teacher
 from sigmab_plugin.baselines.models import classifier_name, create_model
 from sigmab_plugin.baselines.registry import RunContext, get_method
 from benchmarks.common import machine
@@ -259,7 +260,7 @@ def main(argv=None) -> None:
         top1_before = evaluate(model, *val, data.normalize)["top1"]
         cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
                                        progress=False, distill_weight=1.0 if distill else 0.0), **ftopts})
-        teacher = copy.deepcopy(dense).requires_grad_(False) if distill else None
+        teacher = make_teacher(dense) if distill else None  # PointNet++: without the grouping cache
         t0 = time.perf_counter()
         extra, leaf_of_class = contextlib.nullcontext(), None
         if route_weight:
