@@ -61,13 +61,16 @@ def test_every_field_is_checked():
         assert getattr(defaults, name) != value and BASE.get(name) != value, name
 
 
-def test_the_base_run_is_deterministic(pair):
-    assert _same(_train(pair), _train(pair))  # so a difference below is the option's
+@pytest.fixture(scope="module")
+def base_run(pair):
+    first = _train(pair)
+    assert _same(first, _train(pair))  # deterministic, so a difference below is the option's
+    return first
 
 
 @pytest.mark.parametrize("name", sorted(CHANGES))
-def test_option_changes_training(pair, name):
-    assert not _same(_train(pair), _train(pair, **{name: CHANGES[name]})), f"FinetuneConfig.{name} had no effect"
+def test_option_changes_training(pair, base_run, name):
+    assert not _same(base_run, _train(pair, **{name: CHANGES[name]})), f"FinetuneConfig.{name} had no effect"
 
 
 def test_run_only_settings_take_effect(pair, monkeypatch):
