@@ -165,3 +165,18 @@ def test_val_tail_width_and_augmentation_reach_the_run(tmp_path, monkeypatch):
     text = (tmp_path / "r.md").read_text()
     assert "Rows added by later runs into the same folder (their `--variants`): fpgm (`fpgm`)." in text
     assert "which the dense model's pretraining did not see" in text
+
+
+def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys):
+    """benchmarks.bn_routing_diag rebuilds an ablation's tree from its recorded arguments: with running statistics
+    it routes the validation split exactly as the ablation's own evaluation did."""
+    import json
+    import benchmarks.ablate_recipe as ar
+    import benchmarks.bn_routing_diag as diag
+    ar.main(["--data", "digits", "--checkpoint", "", "--train-limit", "128", "--val-size", "64", "--epochs", "1",
+             "--batch-size", "32", "--variants", "bal2_nocover", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "results.json").read_text())["rows"]["bal2_nocover"]
+    capsys.readouterr()
+    diag.main([str(tmp_path), "bal2_nocover"])
+    out = capsys.readouterr().out
+    assert f"running statistics {row['leaf_histogram']}; batch statistics (batches of 32) [" in out

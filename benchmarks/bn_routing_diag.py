@@ -1,0 +1,74 @@
+"""Hard routing of an ablation's validation split with BatchNorm in eval mode (running statistics, as deployed)
+and with batch statistics (as in training), for the trees an ``ablate_recipe`` run saved: routers whose
+decisions flip between the two sit within BatchNorm's train/eval shift of their boundary.
+
+    python -m benchmarks.bn_routing_diag runs/ablate_mn40 bal2_nocover nocover_rate05
+
+The tree is rebuilt from the run's recorded arguments (same model, checkpoint, calibration set and budget) and
+each variant's last checkpoint is loaded into a copy; nothing is trained.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+import sigmab_plugin as sb
+from sigmab_plugin.baselines.data import load_dataset
+from sigmab_plugin.baselines.models import classifier_name, create_model
+from sigmab_plugin.baselines.registry import RunContext, get_method
+from sigmab_plugin.routing import tree_state
+
+
+def leaves(model, x: torch.Tensor, batch: int, batch_stats: bool) -> torch.Tensor:
+    """Each sample's hard-routed leaf, BatchNorm on running statistics or (``batch_stats``) on batches of ``batch``."""
+    if not batch_stats:
+        return torch.cat([sb.route(model, x[i:i + batch]) for i in range(0, len(x), batch)])
+    m = copy.deepcopy(model).train()  # a copy: train mode updates the running statistics
+    state, out = tree_state(m), []
+    state.mode = "hard"
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            m(x[i:i + batch])
+            out.append(state.last_leaves.clone())
+    return torch.cat(out)
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="an ablate_recipe --out folder (its results.json holds the arguments)")
+    ap.add_argument("variants", nargs="+", help="tree variants of that run")
+    a = ap.parse_args(argv)
+    args = json.loads((Path(a.run) / "results.json").read_text())["args"]
+    torch.manual_seed(args["seed"])
+    data = load_dataset(args["data"], seed=args["seed"])
+    perm = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(args["seed"]))
+    n, tl, vs = len(perm), args["train_limit"], args["val_size"]
+    va = perm[n - vs:] if args.get("val_tail") else perm[tl:tl + vs]
+    x = data.normalize(data.train.images[va])
+    width = {} if args.get("width") is None else {"width": args["width"]}
+    dense = create_model(args["model"], data.num_classes, args["checkpoint"], args["shortcut"], **width).eval()
+    calib = data.normalize(data.train.images[perm[:512]])
+    budget = int(args["target_fraction"] * sum(p.numel() for p in dense.parameters()))
+    rows = json.loads((Path(a.run) / "results.json").read_text())["rows"]
+    for name in a.variants:
+        opts = {**dict(depth=args["depth"], prune_residual=True, coverage=True, progress=False, seed=args["seed"]),
+                **rows[name]["branch"]}  # ablate_recipe's branch() options, then the variant's
+        tree = get_method("sigmab").prepare(RunContext(dense, calib, budget, opts, classifier_name(dense),
+                                                       args["seed"], args["target_fraction"]))
+        tree.load_state_dict(torch.load(Path(a.run) / name / "checkpoint.pt", map_location="cpu",
+                                        weights_only=False)["model"])
+        k = 2 ** args["depth"]
+        run = torch.bincount(leaves(tree, x, 100, False), minlength=k).tolist()
+        train = torch.bincount(leaves(tree, x, args["batch_size"], True), minlength=k).tolist()
+        print(f"{name}: leaf counts on {len(x)} validation samples, BatchNorm running statistics {run}; "
+              f"batch statistics (batches of {args['batch_size']}) {train}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
