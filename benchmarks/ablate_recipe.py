@@ -204,6 +204,23 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def split(n: int, a) -> tuple:
+    """The seeded permutation of the ``n`` training images and its training / validation indices (``a``: the
+    run's arguments, also as recorded in ``results.json``); the calibration set is the first 512 of it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(a.seed))
+    if a.train_limit + a.val_size > n:
+        raise ValueError(f"--train-limit {a.train_limit} + --val-size {a.val_size} exceeds the {n} training images of "
+                         f"{a.data}; lower one of them")
+    tail = getattr(a, "val_tail", False)  # runs recorded before --val-tail existed
+    va = perm[n - a.val_size:] if tail else perm[a.train_limit:a.train_limit + a.val_size]
+    return perm, perm[:a.train_limit], va
+
+
+def branch_options(a) -> dict:
+    """branch() options of every tree of a run, before a variant's own."""
+    return dict(depth=a.depth, prune_residual=True, coverage=True, progress=False, seed=a.seed)
+
+
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     a = parse(argv)
@@ -218,21 +235,14 @@ def main(argv=None) -> None:
         return report(done, a.report)
     torch.manual_seed(a.seed)
     data = load_dataset(a.data, seed=a.seed)
-    g = torch.Generator().manual_seed(a.seed)
-    perm = torch.randperm(len(data.train.labels), generator=g)
-    n = len(perm)
-    if a.train_limit + a.val_size > n:
-        raise ValueError(f"--train-limit {a.train_limit} + --val-size {a.val_size} exceeds the {n} training images of "
-                         f"{a.data}; lower one of them")
-    tr = perm[:a.train_limit]
-    va = perm[n - a.val_size:] if a.val_tail else perm[a.train_limit:a.train_limit + a.val_size]
+    perm, tr, va = split(len(data.train.labels), a)
     train = (data.train.images[tr], data.train.labels[tr])
     val = (data.train.images[va], data.train.labels[va])
     dense = create_model(a.model, data.num_classes, a.checkpoint, a.shortcut,
                          **({} if a.width is None else {"width": a.width})).eval()
     augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: finetune's pad-4 crop
     calib = data.normalize(data.train.images[perm[:512]])
-    opts = dict(depth=a.depth, prune_residual=True, coverage=True, progress=False, seed=a.seed)
+    opts = branch_options(a)
     dense_params = sum(p.numel() for p in dense.parameters())
     budget = int(a.target_fraction * dense_params)
     trees = {}

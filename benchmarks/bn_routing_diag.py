@@ -22,6 +22,7 @@ from sigmab_plugin.baselines.data import load_dataset
 from sigmab_plugin.baselines.models import classifier_name, create_model
 from sigmab_plugin.baselines.registry import RunContext, get_method
 from sigmab_plugin.routing import tree_state
+from benchmarks.ablate_recipe import branch_options, split
 
 
 def leaves(model, x: torch.Tensor, batch: int, batch_stats: bool) -> torch.Tensor:
@@ -44,21 +45,18 @@ def main(argv=None) -> None:
     ap.add_argument("run", help="an ablate_recipe --out folder (its results.json holds the arguments)")
     ap.add_argument("variants", nargs="+", help="tree variants of that run")
     a = ap.parse_args(argv)
-    args = json.loads((Path(a.run) / "results.json").read_text())["args"]
+    done = json.loads((Path(a.run) / "results.json").read_text())
+    args, run = done["args"], argparse.Namespace(**done["args"])
     torch.manual_seed(args["seed"])
     data = load_dataset(args["data"], seed=args["seed"])
-    perm = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(args["seed"]))
-    n, tl, vs = len(perm), args["train_limit"], args["val_size"]
-    va = perm[n - vs:] if args.get("val_tail") else perm[tl:tl + vs]
+    perm, _, va = split(len(data.train.labels), run)
     x = data.normalize(data.train.images[va])
     width = {} if args.get("width") is None else {"width": args["width"]}
     dense = create_model(args["model"], data.num_classes, args["checkpoint"], args["shortcut"], **width).eval()
     calib = data.normalize(data.train.images[perm[:512]])
     budget = int(args["target_fraction"] * sum(p.numel() for p in dense.parameters()))
-    rows = json.loads((Path(a.run) / "results.json").read_text())["rows"]
     for name in a.variants:
-        opts = {**dict(depth=args["depth"], prune_residual=True, coverage=True, progress=False, seed=args["seed"]),
-                **rows[name]["branch"]}  # ablate_recipe's branch() options, then the variant's
+        opts = {**branch_options(run), **done["rows"][name]["branch"]}
         tree = get_method("sigmab").prepare(RunContext(dense, calib, budget, opts, classifier_name(dense),
                                                        args["seed"], args["target_fraction"]))
         tree.load_state_dict(torch.load(Path(a.run) / name / "checkpoint.pt", map_location="cpu",
