@@ -216,6 +216,13 @@ def split(n: int, a) -> tuple:
     return perm, perm[:a.train_limit], va
 
 
+def reference(a, data, perm: torch.Tensor) -> tuple:
+    """The run's dense model (eval mode) and its calibration inputs: the first 512 of the permutation."""
+    dense = create_model(a.model, data.num_classes, a.checkpoint, a.shortcut,
+                         **({} if getattr(a, "width", None) is None else {"width": a.width})).eval()
+    return dense, data.normalize(data.train.images[perm[:512]])
+
+
 def branch_options(a) -> dict:
     """branch() options of every tree of a run, before a variant's own."""
     return dict(depth=a.depth, prune_residual=True, coverage=True, progress=False, seed=a.seed)
@@ -238,10 +245,8 @@ def main(argv=None) -> None:
     perm, tr, va = split(len(data.train.labels), a)
     train = (data.train.images[tr], data.train.labels[tr])
     val = (data.train.images[va], data.train.labels[va])
-    dense = create_model(a.model, data.num_classes, a.checkpoint, a.shortcut,
-                         **({} if a.width is None else {"width": a.width})).eval()
+    dense, calib = reference(a, data, perm)
     augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: finetune's pad-4 crop
-    calib = data.normalize(data.train.images[perm[:512]])
     opts = branch_options(a)
     dense_params = sum(p.numel() for p in dense.parameters())
     budget = int(a.target_fraction * dense_params)

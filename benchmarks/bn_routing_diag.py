@@ -19,10 +19,10 @@ import torch
 
 import sigmab_plugin as sb
 from sigmab_plugin.baselines.data import load_dataset
-from sigmab_plugin.baselines.models import classifier_name, create_model
+from sigmab_plugin.baselines.models import classifier_name
 from sigmab_plugin.baselines.registry import RunContext, get_method
 from sigmab_plugin.routing import tree_state
-from benchmarks.ablate_recipe import branch_options, split
+from benchmarks.ablate_recipe import branch_options, reference, split
 
 
 def leaves(model, x: torch.Tensor, batch: int, batch_stats: bool) -> torch.Tensor:
@@ -46,27 +46,28 @@ def main(argv=None) -> None:
     ap.add_argument("variants", nargs="+", help="tree variants of that run")
     a = ap.parse_args(argv)
     done = json.loads((Path(a.run) / "results.json").read_text())
-    args, run = done["args"], argparse.Namespace(**done["args"])
-    torch.manual_seed(args["seed"])
-    data = load_dataset(args["data"], seed=args["seed"])
+    run = argparse.Namespace(**done["args"])
+    torch.manual_seed(run.seed)
+    data = load_dataset(run.data, seed=run.seed)
     perm, _, va = split(len(data.train.labels), run)
     x = data.normalize(data.train.images[va])
-    width = {} if args.get("width") is None else {"width": args["width"]}
-    dense = create_model(args["model"], data.num_classes, args["checkpoint"], args["shortcut"], **width).eval()
-    calib = data.normalize(data.train.images[perm[:512]])
-    budget = int(args["target_fraction"] * sum(p.numel() for p in dense.parameters()))
+    dense, calib = reference(run, data, perm)
+    budget = int(run.target_fraction * sum(p.numel() for p in dense.parameters()))
+    trees = {}  # one tree per set of branch() options, as in ablate_recipe
     for name in a.variants:
         opts = {**branch_options(run), **done["rows"][name]["branch"]}
-        tree = get_method("sigmab").prepare(RunContext(dense, calib, budget, opts, classifier_name(dense),
-                                                       args["seed"], args["target_fraction"]))
+        key = json.dumps(opts, sort_keys=True)
+        if key not in trees:
+            trees[key] = get_method("sigmab").prepare(RunContext(dense, calib, budget, opts, classifier_name(dense),
+                                                                 run.seed, run.target_fraction))
+        tree = copy.deepcopy(trees[key])
         tree.load_state_dict(torch.load(Path(a.run) / name / "checkpoint.pt", map_location="cpu",
                                         weights_only=False)["model"])
-        k = 2 ** args["depth"]
-        run = torch.bincount(leaves(tree, x, 100, False), minlength=k).tolist()
-        train = torch.bincount(leaves(tree, x, args["batch_size"], True), minlength=k).tolist()
-        print(f"{name}: leaf counts on {len(x)} validation samples, BatchNorm running statistics {run}; "
-              f"batch statistics (batches of {args['batch_size']}) {train}", flush=True)
-
+        k = 2 ** run.depth
+        deployed = torch.bincount(leaves(tree, x, 100, False), minlength=k).tolist()
+        training = torch.bincount(leaves(tree, x, run.batch_size, True), minlength=k).tolist()
+        print(f"{name}: leaf counts on {len(x)} validation samples, BatchNorm running statistics {deployed}; "
+              f"batch statistics (batches of {run.batch_size}) {training}", flush=True)
 
 if __name__ == "__main__":
     main()

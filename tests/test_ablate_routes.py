@@ -177,6 +177,6 @@ def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys):
              "--batch-size", "32", "--variants", "bal2_nocover", "--out", str(tmp_path)])
     row = json.loads((tmp_path / "results.json").read_text())["rows"]["bal2_nocover"]
     capsys.readouterr()
-    diag.main([str(tmp_path), "bal2_nocover"])
+    diag.main([str(tmp_path), "bal2_nocover", "bal2_nocover"])  # two variants: the loop reuses the run's arguments
     out = capsys.readouterr().out
-    assert f"running statistics {row['leaf_histogram']}; batch statistics (batches of 32) [" in out
+    assert out.count(f"running statistics {row['leaf_histogram']}; batch statistics (batches of 32) [") == 2
