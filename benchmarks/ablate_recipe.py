@@ -87,11 +87,23 @@ VARIANTS = {
     "loss_routes1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, loss_route_weight=1.0), True),
     "loss_routes_w": ("sigmab", {"coverage": False},
                       dict(balance_weight=2.0, loss_route_weight=1.0, distill_paths="weighted"), True),
+    # BatchNorm as deployed while training: running statistics re-estimated under hard routing, then fixed
+    # in the shared backbone (so the root router sees what deployment computes) or everywhere (routers near
+    # their boundary flipped side between batch and running statistics on ModelNet40)
+    "nocover_bnshared": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, bn_mode="shared"), True),
+    "nocover_bnshared_norecal": ("sigmab", {"coverage": False},
+                                 dict(balance_weight=2.0, bn_mode="shared", bn_recalibration_batches=0), True),
+    # a second training seed (batch order, augmentation) of the same tree and split, for the two above
+    "bal2_nocover_s1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, seed=1), True),
+    "nocover_bnshared_s1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, bn_mode="shared", seed=1), True),
+    "nocover_bnfrozen": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, bn_mode="frozen", lr=0.001), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),
     # a stronger pull towards the pruned weights (ridge 1.0 instead of 0.01): a less exact, less fragile fit
     "fpgm_kd_recon_r1": ("fpgm", {}, dict(reconstruct={"ridge": 1.0}), True),
+    "fpgm_kd_s1": ("fpgm", {}, dict(seed=1), True),
+    "fpgm_kd_bnfrozen": ("fpgm", {}, dict(bn_mode="frozen", lr=0.001), True),
     "hrank_kd": ("hrank", {}, {}, True),
 }
 

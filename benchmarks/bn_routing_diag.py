@@ -1,6 +1,7 @@
 """Hard routing of an ablation's validation split with BatchNorm in eval mode (running statistics, as deployed)
-and with batch statistics (as in training), for the trees an ``ablate_recipe`` run saved: routers whose
-decisions flip between the two sit within BatchNorm's train/eval shift of their boundary.
+and with batch statistics (as in training), and on the same inputs with the training augmentation (running
+statistics), for the trees an ``ablate_recipe`` run saved: routers whose decisions flip between these sit within
+BatchNorm's train/eval shift, or the augmentation's shift, of their boundary.
 
     python -m benchmarks.bn_routing_diag runs/ablate_mn40 bal2_nocover nocover_rate05
 
@@ -21,6 +22,7 @@ import sigmab_plugin as sb
 from sigmab_plugin.baselines.data import load_dataset
 from sigmab_plugin.baselines.models import classifier_name
 from sigmab_plugin.baselines.registry import RunContext, get_method
+from sigmab_plugin.finetune import augment_batch
 from sigmab_plugin.routing import tree_state
 from benchmarks.ablate_recipe import branch_options, reference, split
 
@@ -50,7 +52,10 @@ def main(argv=None) -> None:
     torch.manual_seed(run.seed)
     data = load_dataset(run.data, seed=run.seed)
     perm, _, va = split(len(data.train.labels), run)
-    x = data.normalize(data.train.images[va])
+    raw = data.train.images[va]
+    x = data.normalize(raw)
+    aug = getattr(data, "augment", None) or (lambda b, g: augment_batch(b, g, flip=True))  # ablate_recipe's
+    x_aug = data.normalize(aug(raw, torch.Generator().manual_seed(run.seed)))
     dense, calib = reference(run, data, perm)
     budget = int(run.target_fraction * sum(p.numel() for p in dense.parameters()))
     trees = {}  # one tree per set of branch() options, as in ablate_recipe
@@ -66,8 +71,10 @@ def main(argv=None) -> None:
         k = 2 ** run.depth
         deployed = torch.bincount(leaves(tree, x, 100, False), minlength=k).tolist()
         training = torch.bincount(leaves(tree, x, run.batch_size, True), minlength=k).tolist()
+        augmented = torch.bincount(leaves(tree, x_aug, 100, False), minlength=k).tolist()
         print(f"{name}: leaf counts on {len(x)} validation samples, BatchNorm running statistics {deployed}; "
-              f"batch statistics (batches of {run.batch_size}) {training}", flush=True)
+              f"batch statistics (batches of {run.batch_size}) {training}; running statistics on the inputs with "
+              f"the training augmentation {augmented}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,10 @@ STATIC = ("fpgm", "hrank")
 
 # the tree's training recipe: a row that departs from the default is its own variant, named by the change
 TREE_RECIPE = ("objective", "balance_weight", "balance_rate", "decisive_weight", "distill_paths", "top_k",
-               "bn_weighting", "hard_epochs", "temperature_start", "temperature_end")
+               "bn_weighting", "hard_epochs", "temperature_start", "temperature_end", "bn_mode",
+               "bn_recalibration_batches")
+# the part of the recipe that changes every method's training (a static model's BatchNorm freezes under 'frozen')
+EVERY_RECIPE = ("bn_mode",)
 
 
 def variant(r: dict) -> str:
@@ -37,12 +40,14 @@ def variant(r: dict) -> str:
     the default (``--decisive-weight 0.5``...) or with its routing calibrated is named by the change too
     ("sigmab+decisive_weight=0.5"); a key a row lacks (an older run) counts as the default."""
     name = r["method"]
-    if name == "sigmab":
-        default, ft = FinetuneConfig(), r.get("finetune") or {}
-        name += "".join(f"+{k}={ft[k]:g}" if isinstance(ft[k], float) else f"+{k}={ft[k]}"
-                        for k in TREE_RECIPE if k in ft and ft[k] != getattr(default, k))
-        if r.get("routing_calibration"):
-            name += "+calibrated"
+    default, ft = FinetuneConfig(), r.get("finetune") or {}
+    keys = TREE_RECIPE if name == "sigmab" else EVERY_RECIPE
+    if name != "sigmab" and ft.get("bn_mode") == "shared":  # no shared layers to freeze: trains as 'batch'
+        keys = ()
+    name += "".join(f"+{k}={ft[k]:g}" if isinstance(ft[k], float) else f"+{k}={ft[k]}"
+                    for k in keys if k in ft and ft[k] != getattr(default, k))
+    if r["method"] == "sigmab" and r.get("routing_calibration"):
+        name += "+calibrated"
     rec = r.get("reconstruction")
     if not rec:
         return name

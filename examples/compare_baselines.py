@@ -63,6 +63,12 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--top-k", type=int, default=d.top_k, help="SigmaB: soft routing keeps k paths per sample")
     ap.add_argument("--bn-weighting", action=argparse.BooleanOptionalAction, default=d.bn_weighting,
                     help="SigmaB: node BatchNorm statistics weighted by path probability in soft training")
+    ap.add_argument("--bn-mode", default=d.bn_mode, choices=["batch", "shared", "frozen"],
+                    help="BatchNorm statistics in fine-tuning: batch statistics; 'shared': SigmaB's shared backbone "
+                         "uses running statistics, as deployed, so the root router trains on the features it routes "
+                         "(static methods train as with 'batch'); 'frozen': every method's layers all do")
+    ap.add_argument("--bn-recalibration-batches", type=int, default=d.bn_recalibration_batches,
+                    help="with --bn-mode shared/frozen: training batches that first re-estimate the statistics")
     ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
     ap.add_argument("--calibrate-routing", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB: after fine-tuning, shift the routers' thresholds so hard routing gives each leaf "
@@ -101,7 +107,8 @@ def parse(argv=None) -> tuple:
                         distill_weight=a.distill, distill_paths=a.distill_paths, objective=a.objective,
                         balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
                         decisive_weight=a.decisive_weight,
-                        bn_weighting=a.bn_weighting, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
+                        bn_weighting=a.bn_weighting, bn_mode=a.bn_mode,
+                        bn_recalibration_batches=a.bn_recalibration_batches, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=a.coverage,

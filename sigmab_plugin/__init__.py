@@ -12,6 +12,7 @@ from .config import BranchConfig
 from .io import load_branched, save_branched
 from .export import export_deployment, export_path, load_deployment
 from .kmeans import spherical_kmeans
+from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, leaf_balance, leaf_entropy, temperature_at, tree_loss
 from .report import param_report, summary
 from .routing import forward_leaf, is_branched, route, set_routing, tree_state
@@ -27,10 +28,12 @@ __all__ = [
     "__version__",
     "branch",
     "calibrate_routing",
+    "recalibrate_batchnorm",
     "reconstruct",
     "export_deployment",
     "export_path",
     "forward_leaf",
+    "freeze_batchnorm",
     "is_branched",
     "leaf_balance",
     "leaf_entropy",

@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import progress
+from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, _number, training_loss
 from .routing import forward_leaf, is_branched, set_routing, tree_state
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BN_MODES = ("batch", "shared", "frozen")
 
 
 @dataclass
@@ -57,13 +59,19 @@ class FinetuneConfig:
     distill_paths: str = field(default="all", metadata={"help": "'all' paths unweighted or 'weighted' by P(path)"})
     top_k: Optional[int] = field(default=None, metadata={"help": "soft routing: paths per sample (None: all)"})
     bn_weighting: bool = field(default=False, metadata={"help": "node BatchNorm statistics weighted by P(path)"})
+    bn_mode: str = field(default="batch", metadata={
+        "help": "BatchNorm statistics in training: 'batch'; 'shared': a tree's shared layers use running statistics "
+                "(as deployed; a model without a tree trains as with 'batch'); 'frozen': every layer does"})
+    bn_recalibration_batches: int = field(default=100, metadata={
+        "help": "bn_mode 'shared'/'frozen': training batches that first re-estimate every BatchNorm's statistics "
+                "under hard routing (0: keep them)"})
     amp: Optional[str] = field(default=None, metadata={"help": "autocast dtype: None, 'bf16' or 'fp16'"})
     seed: int = 0
     eval_batch_size: int = 256
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "hard_epochs", "batch_size", "seed", "eval_batch_size"):
+        for name in ("epochs", "hard_epochs", "batch_size", "seed", "eval_batch_size", "bn_recalibration_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if "size" in name else 0):
                 raise ValueError(f"FinetuneConfig.{name}={v!r} must be an integer >= {1 if 'size' in name else 0}")
@@ -75,6 +83,11 @@ class FinetuneConfig:
         for name in ("augment", "flip", "bn_weighting", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FinetuneConfig.{name}={getattr(self, name)!r} must be True or False")
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"FinetuneConfig.bn_mode={self.bn_mode!r}: choose one of {BN_MODES}")
+        if self.bn_mode == "frozen" and self.bn_weighting:
+            raise ValueError("FinetuneConfig.bn_weighting=True weights the nodes' batch statistics, which bn_mode='frozen' "
+                             "does not use: set bn_weighting=False, or bn_mode 'batch' or 'shared'")
         if self.amp not in AMP:
             raise ValueError(f"FinetuneConfig.amp={self.amp!r}: choose one of {list(AMP)}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
@@ -393,6 +406,13 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
         _barrier(world)
     if teacher is not None:
         teacher.eval()
+    fixes_stats = cfg.bn_mode == "frozen" or (cfg.bn_mode == "shared" and branched)  # else: as 'batch'
+    if fixes_stats and start == 0 and cfg.bn_recalibration_batches > 0:
+        torch.manual_seed(cfg.seed * 100003 - 1)  # dropout, loader shuffling (each epoch reseeds after)
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 - 1)  # batches like an epoch's, drawn apart
+        batches = (norm(xb.to(device)) for xb, _ in _batches(data, cfg, gen, 0, augment)[0])
+        recalibrate_batchnorm(model, batches, cfg.bn_recalibration_batches)
+        _sync_buffers(model, world)
     runner = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -453,6 +473,8 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
         set_routing(model, "hard" if hard else "soft", schedule(epoch * steps_per_epoch), top_k=cfg.top_k,
                     balance_rate=cfg.balance_rate, bn_weighting=cfg.bn_weighting)
     model.train()
+    if cfg.bn_mode != "batch":
+        freeze_batchnorm(model, "all" if cfg.bn_mode == "frozen" else "shared")
     batches, n_batches = _batches(data, cfg, gen, epoch, augment)
     batches = progress(batches, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}", n_batches or None)
     sums: Dict[str, float] = {}

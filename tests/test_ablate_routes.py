@@ -167,7 +167,7 @@ def test_val_tail_width_and_augmentation_reach_the_run(tmp_path, monkeypatch):
     assert "which the dense model's pretraining did not see" in text
 
 
-def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys):
+def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys, monkeypatch):
     """benchmarks.bn_routing_diag rebuilds an ablation's tree from its recorded arguments: with running statistics
     it routes the validation split exactly as the ablation's own evaluation did."""
     import json
@@ -177,6 +177,11 @@ def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys):
              "--batch-size", "32", "--variants", "bal2_nocover", "--out", str(tmp_path)])
     row = json.loads((tmp_path / "results.json").read_text())["rows"]["bal2_nocover"]
     capsys.readouterr()
+    from sigmab_plugin.finetune import augment_batch as ft_augment
+    seen = []
+    monkeypatch.setattr(diag, "augment_batch", lambda b, g, flip: seen.append(len(b)) or ft_augment(b, g, flip))
     diag.main([str(tmp_path), "bal2_nocover", "bal2_nocover"])  # two variants: the loop reuses the run's arguments
     out = capsys.readouterr().out
     assert out.count(f"running statistics {row['leaf_histogram']}; batch statistics (batches of 32) [") == 2
+    augmented = [json.loads(line.split("training augmentation ")[1]) for line in out.splitlines()]
+    assert len(augmented) == 2 and augmented[0] == augmented[1] and sum(augmented[0]) == 64 and seen == [64]

@@ -25,8 +25,10 @@ CHANGES = {
     "flip": False, "temperature_start": 5.0, "temperature_end": 1.0, "hard_epochs": 1, "objective": "mixture",
     "balance_weight": 0.0, "balance_rate": 0.5, "decisive_weight": 1.0, "distill_weight": 0.0,
     "distill_temperature": 1.0, "distill_paths": "weighted", "top_k": 1, "bn_weighting": True, "amp": "bf16",
-    "seed": 1,
+    "seed": 1, "bn_mode": "shared", "bn_recalibration_batches": 0,
 }
+# options that act only next to another one: compared with and without the change, both with this context
+CONTEXT = {"bn_recalibration_batches": {"bn_mode": "shared"}}
 RUN_ONLY = ("eval_batch_size", "progress")  # checked below by what they do: evaluation batches, progress output
 
 
@@ -70,7 +72,9 @@ def base_run(pair):
 
 @pytest.mark.parametrize("name", sorted(CHANGES))
 def test_option_changes_training(pair, base_run, name):
-    assert not _same(base_run, _train(pair, **{name: CHANGES[name]})), f"FinetuneConfig.{name} had no effect"
+    context = CONTEXT.get(name, {})
+    base = _train(pair, **context) if context else base_run
+    assert not _same(base, _train(pair, **context, **{name: CHANGES[name]})), f"FinetuneConfig.{name} had no effect"
 
 
 def test_run_only_settings_take_effect(pair, monkeypatch):

@@ -151,6 +151,10 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
         "sigmab+decisive_weight=0.5+distill_paths=weighted+recon@1"
     assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {"decisive_weight": 0.5}}) == "fpgm"  # no router
     assert variant({**plain, "finetune": {"top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
+    assert variant({**plain, "finetune": {"bn_mode": "shared"}}) == "sigmab+bn_mode=shared"
+    fpgm = _row("fpgm", 0.39, 0.85)
+    assert variant({**fpgm, "finetune": {"bn_mode": "frozen"}}) == "fpgm+bn_mode=frozen"  # its training changed
+    assert variant({**fpgm, "finetune": {"bn_mode": "shared"}}) == "fpgm"  # nothing shared to freeze
 
 
 
