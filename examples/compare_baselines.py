@@ -108,7 +108,8 @@ def parse(argv=None) -> tuple:
                         balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
                         decisive_weight=a.decisive_weight,
                         bn_weighting=a.bn_weighting, bn_mode=a.bn_mode,
-                        bn_recalibration_batches=a.bn_recalibration_batches, hard_epochs=min(a.hard_epochs, epochs), progress=not a.quiet)
+                        bn_recalibration_batches=a.bn_recalibration_batches, hard_epochs=min(a.hard_epochs, epochs),
+                        progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=a.coverage,

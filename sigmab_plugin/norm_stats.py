@@ -59,8 +59,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: Opti
     norms = batchnorms(model)
     if not norms:
         return 0
-    saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in norms}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms}
+    momenta = {m: m.momentum for m in norms}
     flags = [(m, m.training) for m in model.modules()]
     routing = tree_state(model).settings() if is_branched(model) else None
     used = 0
@@ -77,17 +77,16 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: Opti
             model(xb[0] if isinstance(xb, (tuple, list)) else xb)
             used += 1
     except BaseException:
-        for m, (momentum, mean, var, n) in saved.items():
-            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+        used = -1  # failed: every layer gets its statistics back
         raise
     finally:
-        for m, (momentum, *_rest) in saved.items():
-            m.momentum = momentum
+        for m in norms:
+            m.momentum = momenta[m]
+            if used < 0 or int(m.num_batches_tracked) == 0:  # or no sample reached it (a leaf nothing was routed to)
+                for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[m]):
+                    buf.copy_(old)
         for m, flag in flags:
             m.training = flag
         if routing is not None:
             set_routing(model, **routing)
-    for m, (_momentum, mean, var, n) in saved.items():
-        if int(m.num_batches_tracked) == 0:  # no sample reached it (a leaf nothing was routed to)
-            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
     return used

@@ -166,3 +166,15 @@ def test_bad_bn_options_are_refused():
     with pytest.raises(ValueError, match="bn_recalibration_batches=-1"):
         FinetuneConfig(bn_recalibration_batches=-1)
     FinetuneConfig(bn_mode="shared", bn_weighting=True)  # nodes still train on (weighted) batch statistics
+
+
+def test_a_failed_recalibration_leaves_the_model_as_it_was(tree):
+    model = copy.deepcopy(tree).eval()
+    before, settings = _stats(model), sb.tree_state(model).settings()
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(model, [images(8, seed=1), torch.randn(8, 5, 32, 32)])  # the second has 5 channels
+    after = _stats(model)
+    assert all(torch.equal(after[n][0], before[n][0]) and torch.equal(after[n][1], before[n][1]) for n in after)
+    assert not model.training and sb.tree_state(model).settings() == settings
+    assert all(m.momentum == 0.1 for m in batchnorms(model))
+    assert recalibrate_batchnorm(model, []) == 0 and all(torch.equal(_stats(model)[n][0], before[n][0]) for n in after)
