@@ -22,7 +22,7 @@ import sigmab_plugin as sb
 from sigmab_plugin.baselines.data import load_dataset
 from sigmab_plugin.baselines.models import classifier_name
 from sigmab_plugin.baselines.registry import RunContext, get_method
-from sigmab_plugin.finetune import augment_batch
+from sigmab_plugin.finetune import FinetuneConfig, augment_batch
 from sigmab_plugin.routing import tree_state
 from benchmarks.ablate_recipe import branch_options, reference, split
 
@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     perm, _, va = split(len(data.train.labels), run)
     raw = data.train.images[va]
     x = data.normalize(raw)
-    aug = getattr(data, "augment", None) or (lambda b, g: augment_batch(b, g, flip=True))  # ablate_recipe's
+    flip = FinetuneConfig().flip  # ablate_recipe trains images with finetune's default crop and flip
+    aug = getattr(data, "augment", None) or (lambda b, g: augment_batch(b, g, flip=flip))
     x_aug = data.normalize(aug(raw, torch.Generator().manual_seed(run.seed)))
     dense, calib = reference(run, data, perm)
     budget = int(run.target_fraction * sum(p.numel() for p in dense.parameters()))

@@ -24,7 +24,7 @@ import torch
 from sigmab_plugin.baselines.data import DATASETS
 from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
-from sigmab_plugin.finetune import FinetuneConfig
+from sigmab_plugin.finetune import BN_MODES, FinetuneConfig
 
 
 def parse(argv=None) -> tuple:
@@ -63,7 +63,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--top-k", type=int, default=d.top_k, help="SigmaB: soft routing keeps k paths per sample")
     ap.add_argument("--bn-weighting", action=argparse.BooleanOptionalAction, default=d.bn_weighting,
                     help="SigmaB: node BatchNorm statistics weighted by path probability in soft training")
-    ap.add_argument("--bn-mode", default=d.bn_mode, choices=["batch", "shared", "frozen"],
+    ap.add_argument("--bn-mode", default=d.bn_mode, choices=BN_MODES,
                     help="BatchNorm statistics in fine-tuning: batch statistics; 'shared': SigmaB's shared backbone "
                          "uses running statistics, as deployed, so the root router trains on the features it routes "
                          "(static methods train as with 'batch'); 'frozen': every method's layers all do")
