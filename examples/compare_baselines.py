@@ -24,7 +24,7 @@ import torch
 from sigmab_plugin.baselines.data import DATASETS
 from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
-from sigmab_plugin.finetune import BN_MODES, FinetuneConfig
+from sigmab_plugin.finetune import BN_MODES, ROUTE_INPUTS, FinetuneConfig
 
 
 def parse(argv=None) -> tuple:
@@ -69,6 +69,9 @@ def parse(argv=None) -> tuple:
                          "(static methods train as with 'batch'); 'frozen': every method's layers all do")
     ap.add_argument("--bn-recalibration-batches", type=int, default=d.bn_recalibration_batches,
                     help="with --bn-mode shared/frozen: training batches that first re-estimate the statistics")
+    ap.add_argument("--route-inputs", default=d.route_inputs, choices=ROUTE_INPUTS,
+                    help="SigmaB: what the routers decide on in training: each sample's augmented input, or its "
+                         "'clean' (unaugmented) one, as in deployment, while the leaves train on the augmented one")
     ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
     ap.add_argument("--calibrate-routing", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB: after fine-tuning, shift the routers' thresholds so hard routing gives each leaf "
@@ -108,7 +111,8 @@ def parse(argv=None) -> tuple:
                         balance_weight=a.balance_weight, balance_rate=a.balance_rate, top_k=a.top_k,
                         decisive_weight=a.decisive_weight,
                         bn_weighting=a.bn_weighting, bn_mode=a.bn_mode,
-                        bn_recalibration_batches=a.bn_recalibration_batches, hard_epochs=min(a.hard_epochs, epochs),
+                        bn_recalibration_batches=a.bn_recalibration_batches, route_inputs=a.route_inputs,
+                        hard_epochs=min(a.hard_epochs, epochs),
                         progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,

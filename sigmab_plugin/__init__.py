@@ -15,7 +15,7 @@ from .kmeans import spherical_kmeans
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, leaf_balance, leaf_entropy, temperature_at, tree_loss
 from .report import param_report, summary
-from .routing import forward_leaf, is_branched, route, set_routing, tree_state
+from .routing import forward_leaf, is_branched, route, route_on, set_routing, tree_state
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "register_pruner",
     "registered_pruners",
     "route",
+    "route_on",
     "save_branched",
     "set_routing",
     "spherical_kmeans",

@@ -28,12 +28,13 @@ from torch import nn
 from ._progress import progress
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, _number, training_loss
-from .routing import forward_leaf, is_branched, set_routing, tree_state
+from .routing import forward_leaf, is_branched, route_on, set_routing, tree_state
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "shared", "frozen")
+ROUTE_INPUTS = ("augmented", "clean")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class FinetuneConfig:
     bn_recalibration_batches: int = field(default=100, metadata={
         "help": "bn_mode 'shared'/'frozen': training batches that first re-estimate every BatchNorm's statistics "
                 "under hard routing (0: keep them)"})
+    route_inputs: str = field(default="augmented", metadata={
+        "help": "what a tree's routers decide on in training: each sample's 'augmented' input, or its 'clean' "
+                "(unaugmented) one, as in deployment (in-memory data; see sigmab_plugin.route_on)"})
     amp: Optional[str] = field(default=None, metadata={"help": "autocast dtype: None, 'bf16' or 'fp16'"})
     seed: int = 0
     eval_batch_size: int = 256
@@ -88,6 +92,11 @@ class FinetuneConfig:
         if self.bn_mode == "frozen" and self.bn_weighting:
             raise ValueError("FinetuneConfig.bn_weighting=True weights the nodes' batch statistics, which bn_mode='frozen' "
                              "does not use: set bn_weighting=False, or bn_mode 'batch' or 'shared'")
+        if self.route_inputs not in ROUTE_INPUTS:
+            raise ValueError(f"FinetuneConfig.route_inputs={self.route_inputs!r}: choose one of {ROUTE_INPUTS}")
+        if self.route_inputs == "clean" and not self.augment:
+            raise ValueError("FinetuneConfig.route_inputs='clean' routes on the unaugmented inputs, but augment=False "
+                             "trains on them already: set augment=True, or route_inputs='augmented'")
         if self.amp not in AMP:
             raise ValueError(f"FinetuneConfig.amp={self.amp!r}: choose one of {list(AMP)}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
@@ -141,10 +150,10 @@ def _world() -> Tuple[int, int]:
 
 
 def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0,
-             augment: Optional[Callable] = None) -> Tuple[Iterable, int]:
+             augment: Optional[Callable] = None, clean: bool = False) -> Tuple[Iterable, int]:
     """This rank's training batches of one epoch and their number: in-memory ``(images, labels)``
-    (every rank draws the same permutation and takes its share) or a loader (a ``DistributedSampler``
-    in it is told the epoch)."""
+    (every rank draws the same permutation and takes its share; with ``clean``, ``(x, y, unaugmented x)``)
+    or a loader (a ``DistributedSampler`` in it is told the epoch)."""
     rank, world = _world()
     if isinstance(data, tuple):
         images, labels = data
@@ -153,10 +162,10 @@ def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0,
         def it():
             for i in range(0, len(perm), cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
-                x = images[idx]
+                x = raw = images[idx]
                 if cfg.augment:
                     x = augment(x, gen) if augment is not None else augment_batch(x, gen, cfg.flip)
-                yield x, labels[idx]
+                yield (x, labels[idx], raw) if clean else (x, labels[idx])
         return it(), -(-len(perm) // cfg.batch_size)
     sampler = getattr(data, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -404,6 +413,10 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
         elif not resume and (out_dir / LOG).exists() and rank == 0:
             (out_dir / LOG).unlink()
         _barrier(world)
+    if cfg.route_inputs == "clean" and branched and not isinstance(data, tuple):
+        raise ValueError("FinetuneConfig.route_inputs='clean' needs in-memory (images, labels) data, whose augmentation "
+                         "finetune applies itself (a DataLoader hands over augmented batches only): pass tensors, or "
+                         "route_inputs='augmented'")
     if teacher is not None:
         teacher.eval()
     fixes_stats = cfg.bn_mode == "frozen" or (cfg.bn_mode == "shared" and branched)  # else: as 'batch'
@@ -475,14 +488,15 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
     model.train()
     if cfg.bn_mode != "batch":
         freeze_batchnorm(model, "all" if cfg.bn_mode == "frozen" else "shared")
-    batches, n_batches = _batches(data, cfg, gen, epoch, augment)
+    clean = schedule is not None and cfg.route_inputs == "clean"  # a tree: route each sample on its unaugmented input
+    batches, n_batches = _batches(data, cfg, gen, epoch, augment, clean)
     batches = progress(batches, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}", n_batches or None)
     sums: Dict[str, float] = {}
     seen = correct = 0
     load = None  # training leaf shares: path probability mass (soft) or routed samples (hard)
     greedy = None  # soft routing: how many samples have each leaf as their most probable one
     autocast = torch.autocast(device.type, dtype=AMP[cfg.amp]) if cfg.amp else contextlib.nullcontext()
-    for step, (xb, yb) in enumerate(batches):
+    for step, (xb, yb, *raw) in enumerate(batches):
         if schedule is not None:
             # per batch; a loader without len() has steps_per_epoch 1: per epoch, as its lr schedule
             tree_state(model).temperature = schedule(epoch * steps_per_epoch + (step if n_batches else 0))
@@ -490,7 +504,8 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
         x, y = norm(xb.to(device, non_blocking=True)), yb.to(device)
         if not isinstance(data, tuple) and (x.is_floating_point() and not torch.isfinite(x).all()):
             raise ValueError(f"a training batch of epoch {epoch + 1} contains NaN or inf; clean the data")
-        with autocast:
+        routing = route_on(model, norm(raw[0].to(device))) if clean else contextlib.nullcontext()
+        with autocast, routing:
             out = runner(x)
             t_out = None
             if teacher is not None and loss_cfg.distill_weight > 0:

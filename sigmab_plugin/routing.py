@@ -15,6 +15,7 @@ enter through the model's own ``__call__``.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from dataclasses import dataclass
@@ -178,6 +179,8 @@ class TreeState:
         self.ctx: Optional[_Context] = None
         self.forced_leaves: Optional[torch.Tensor] = None  # hard routing follows these leaves when set
         self.node_loader = None  # load_deployment: loads a node's weights before its first use
+        self.recording: Optional[dict] = None  # route_on: records the routers' pooled inputs of one forward
+        self.route_source: Optional[dict] = None  # route_on: (level, parent) -> (features, present) per sample
         self._clear_results()
         for k, v in spec.get("routing", {}).items():  # saved with the tree
             if k in self.SETTINGS:
@@ -256,11 +259,11 @@ class RoutedModule(nn.Module):
         if ctx.soft:
             if self.routers is not None:
                 x = self._route_soft(x, ctx, state)
-            y = self._run_soft(x, ctx, state)
-        else:
-            if self.routers is not None:
-                self._route_hard(x, ctx, state)
-            y = self._run_hard(x, ctx)
+        elif self.routers is not None:
+            self._route_hard(x, ctx, state)
+        if state.recording is not None and self.routers is not None and self.level == state.depth:
+            raise _Recorded  # route_on: every router's input is known, the rest of the forward is not needed
+        y = self._run_soft(x, ctx, state) if ctx.soft else self._run_hard(x, ctx)
         if self.is_last:
             state.ctx = None
             return self._finish(y, ctx)
@@ -278,7 +281,7 @@ class RoutedModule(nn.Module):
                 leaf = leaf if idx is None else leaf.index_select(0, idx)
                 choice = (leaf >> (state.depth - self.level)) & 1
             else:
-                logits = self.routers[parent](xs)
+                logits = self._logits(parent, xs, ctx, idx, state)
                 choice = logits.argmax(dim=1)
                 if self.training and state.balance_rate > 0:
                     self.routers[parent].update_balance(choice, state.balance_rate)
@@ -315,12 +318,31 @@ class RoutedModule(nn.Module):
             for m in norms:
                 m.train()
 
+    def _logits(self, parent: int, xs, ctx: _Context, idx, state: TreeState) -> torch.Tensor:
+        """Router ``parent``'s logits for rows ``idx``: from their own features, or inside :func:`route_on`
+        from the features recorded for their samples (rows whose sample was not recorded use their own)."""
+        if state.recording is None and state.route_source is None:
+            return self.routers[parent](xs)
+        sample = ctx.sample if idx is None else ctx.sample[idx]
+        pooled = pool_features(xs)
+        if state.recording is not None:
+            stored, present = state.recording.setdefault((self.level, parent), (
+                pooled.new_zeros(ctx.batch, pooled.shape[1]), torch.zeros(ctx.batch, dtype=torch.bool, device=pooled.device)))
+            stored[sample], present[sample] = pooled.detach(), True
+        elif (self.level, parent) in state.route_source:
+            stored, present = state.route_source[(self.level, parent)]
+            if stored.shape[0] != ctx.batch:
+                raise RuntimeError(f"route_on recorded routing inputs for {stored.shape[0]} samples but the model was "
+                                   f"called on {ctx.batch}: call it on a batch of the same samples")
+            pooled = torch.where(present[sample].unsqueeze(1), stored[sample].to(pooled.dtype), pooled)
+        return self.routers[parent](pooled)
+
     # ----- soft routing: one row per (path, sample), grouped by node ------------------------------
     def _route_soft(self, x, ctx: _Context, state: TreeState) -> torch.Tensor:
         parts, nodes, samples, weights = [], [], [], []
         for parent, idx in _soft_groups(ctx.node, len(self.routers)):
             xs = rows(x, idx)
-            logits = self.routers[parent](xs)
+            logits = self._logits(parent, xs, ctx, idx, state)
             p = torch.softmax(logits / state.temperature, dim=1)
             if self.training and state.balance_rate > 0:
                 greedy = ctx.weight[idx] >= _max_per_sample(ctx.weight, ctx.sample, ctx.batch)[ctx.sample[idx]]
@@ -417,6 +439,44 @@ def _soft_groups(node: torch.Tensor, n_nodes: int):
             out.append((n, slice(start, start + c)))
             start += c
     return out
+
+
+class _Recorded(Exception):
+    """Ends the recording forward of :func:`route_on` after the last router."""
+
+
+@contextlib.contextmanager
+def route_on(model: nn.Module, x_route):
+    """Inside the block, a branched ``model`` routes each sample by the features of the same sample in
+    ``x_route`` (e.g. its unaugmented version) instead of those of the input it is called with.
+
+    Entering records what every router reads for ``x_route`` (eval mode: BatchNorm's running statistics,
+    as deployed; no gradient; the forward stops after the last router). Calls in the block must pass
+    the same samples in the same order (an augmented copy). The routers' logits are still computed
+    with gradient, so they train; the layers below a router get no gradient through it (the leaves'
+    losses still reach them). Soft and hard routing alike; a path that was not recorded (``top_k``
+    pruned it while recording) routes on its own features."""
+    state = tree_state(model)
+    flags = [(m, m.training) for m in model.modules()]
+    state.recording = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                model(x_route)
+            except _Recorded:
+                pass
+        recorded = state.recording
+    finally:
+        state.recording = None
+        state.ctx = None
+        for m, flag in flags:
+            m.training = flag
+    state.route_source = recorded
+    try:
+        yield model
+    finally:
+        state.route_source = None
 
 
 def _max_per_sample(weight: torch.Tensor, sample: torch.Tensor, batch: int) -> torch.Tensor:

@@ -185,3 +185,34 @@ def test_bn_routing_diag_rebuilds_the_runs_tree(tmp_path, capsys, monkeypatch):
     assert out.count(f"running statistics {row['leaf_histogram']}; batch statistics (batches of 32) [") == 2
     augmented = [json.loads(line.split("training augmentation ")[1]) for line in out.splitlines()]
     assert len(augmented) == 2 and augmented[0] == augmented[1] and sum(augmented[0]) == 64 and seen == [64]
+
+
+def test_leaf_variant_fine_tunes_the_most_routed_path_as_a_plain_network(tmp_path, monkeypatch):
+    import copy
+    import json
+    import benchmarks.ablate_recipe as ar
+    from sigmab_plugin.baselines.data import load_dataset
+    seen = {}
+    real_export = sb.export_path
+
+    def export(tree, leaf):
+        seen["tree"], seen["leaf"] = copy.deepcopy(tree), leaf
+        return real_export(tree, leaf)
+
+    def fake_finetune(model, images, labels, norm, cfg, **kw):
+        seen["model"] = model
+        return [{"seconds": 1.0}]
+    monkeypatch.setattr(ar.sb, "export_path", export)
+    monkeypatch.setattr(ar, "finetune", fake_finetune)
+    ar.main(["--data", "digits", "--checkpoint", "", "--train-limit", "128", "--val-size", "64", "--epochs", "1",
+             "--variants", "nocover_leaf", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "results.json").read_text())["rows"]["nocover_leaf"]
+    tree, leaf, plain = seen["tree"].eval(), seen["leaf"], seen["model"].eval()
+    assert not sb.is_branched(plain) and row["method"] == f"sigmab leaf {leaf}"
+    data = load_dataset("digits")
+    perm = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(0))
+    calib = data.normalize(data.train.images[perm[:512]])
+    assert leaf == int(torch.bincount(sb.route(tree, calib), minlength=4).argmax())  # the calibration's most routed
+    with torch.no_grad():
+        torch.testing.assert_close(plain(calib[:16]), sb.forward_leaf(tree, calib[:16], leaf))
+    assert 0 < row["active_fraction"] <= 0.41  # one path of a tree built for 0.4 active

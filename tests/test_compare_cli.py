@@ -152,9 +152,10 @@ def test_recipe_flags_reach_the_config():
     cfg, _ = cli.parse(TINY + ["--objective", "mixture", "--balance-weight", "0.7", "--balance-rate", "0.01",
                                "--top-k", "2", "--bn-weighting", "--distill-paths", "weighted", "--coverage",
                                "--hard-epochs", "1", "--resume", "--calibrate-routing",
-                               "--decisive-weight", "0.3", "--bn-mode", "shared", "--bn-recalibration-batches", "7"])
+                               "--decisive-weight", "0.3", "--bn-mode", "shared", "--bn-recalibration-batches", "7",
+                               "--route-inputs", "clean"])
     ft = cfg.finetune
-    assert (ft.bn_mode, ft.bn_recalibration_batches) == ("shared", 7)
+    assert (ft.bn_mode, ft.bn_recalibration_batches, ft.route_inputs) == ("shared", 7, "clean")
     assert (ft.objective, ft.balance_weight, ft.balance_rate, ft.top_k, ft.bn_weighting, ft.distill_paths,
             ft.hard_epochs) == ("mixture", 0.7, 0.01, 2, True, "weighted", 1)
     assert cfg.coverage and cfg.resume and cfg.calibrate_routing and ft.loss().decisive_weight == 0.3

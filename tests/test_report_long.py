@@ -152,9 +152,11 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {"decisive_weight": 0.5}}) == "fpgm"  # no router
     assert variant({**plain, "finetune": {"top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
     assert variant({**plain, "finetune": {"bn_mode": "shared"}}) == "sigmab+bn_mode=shared"
+    assert variant({**plain, "finetune": {"route_inputs": "clean"}}) == "sigmab+route_inputs=clean"
     fpgm = _row("fpgm", 0.39, 0.85)
     assert variant({**fpgm, "finetune": {"bn_mode": "frozen"}}) == "fpgm+bn_mode=frozen"  # its training changed
     assert variant({**fpgm, "finetune": {"bn_mode": "shared"}}) == "fpgm"  # nothing shared to freeze
+    assert variant({**fpgm, "finetune": {"route_inputs": "clean"}}) == "fpgm"  # no router
 
 
 
