@@ -97,6 +97,17 @@ VARIANTS = {
     "bal2_nocover_s1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, seed=1), True),
     "nocover_bnshared_s1": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, bn_mode="shared", seed=1), True),
     "nocover_bnfrozen": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, bn_mode="frozen", lr=0.001), True),
+    # routers trained on each sample's unaugmented input (as deployed), leaves on the augmented one (issue 9)
+    "nocover_bnshared_clean": ("sigmab", {"coverage": False},
+                               dict(balance_weight=2.0, bn_mode="shared", route_inputs="clean"), True),
+    "nocover_bnshared_clean_s1": ("sigmab", {"coverage": False},
+                                  dict(balance_weight=2.0, bn_mode="shared", route_inputs="clean", seed=1), True),
+    "bal2_nocover_clean": ("sigmab", {"coverage": False}, dict(balance_weight=2.0, route_inputs="clean"), True),
+    "nocover_bnshared_decisive05": ("sigmab", {"coverage": False},
+                                    dict(balance_weight=2.0, bn_mode="shared", decisive_weight=0.5), True),
+    # diagnostic: the untrained tree's most-routed path exported as a plain network and fine-tuned like FPGM (is a
+    # leaf weaker than FPGM because of its channels, or because of the tree's training?)
+    "nocover_leaf": ("sigmab", {"coverage": False}, dict(export_leaf=True), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),
@@ -282,6 +293,9 @@ def main(argv=None) -> None:
         ftopts = dict(ftopts)
         route_weight = ftopts.pop("route_weight", 0.0)
         loss_route_weight = ftopts.pop("loss_route_weight", 0.0)
+        if ftopts.pop("export_leaf", False):  # the calibration set's most-routed leaf, as a plain network
+            leaf = int(torch.bincount(sb.route(model, calib), minlength=2 ** a.depth).argmax())
+            model, method = sb.export_path(model, leaf), f"sigmab leaf {leaf}"
         recon = ftopts.pop("reconstruct", None)  # None: no refit; a dict: sb.reconstruct's keyword arguments
         reconstruction = None if recon is None else sb.reconstruct(model, dense, calib, **recon)
         top1_before = evaluate(model, *val, data.normalize)["top1"]
