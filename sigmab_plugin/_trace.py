@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._forward import run_model
+from ._modes import kept_train_flags
 
 PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers whose channels SigmaB scores and prunes
 
@@ -52,16 +53,13 @@ def trace_calls(model: nn.Module, example: torch.Tensor) -> Trace:
         if name:
             handles.append(m.register_forward_pre_hook(pre(name)))
             handles.append(m.register_forward_hook(post(name)))
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with kept_train_flags(model), torch.no_grad():
+            model.eval()
             run_model(model, example)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return Trace(enter, exit_, calls, order, width)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modes import kept_train_flags
 from ._progress import progress
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, _number, training_loss
@@ -304,18 +305,15 @@ class _Snapshot:
 
 
 def _classes(model: nn.Module, x: torch.Tensor) -> int:
-    flags = [(m, m.training) for m in model.modules()]
     state = tree_state(model) if is_branched(model) else None
     mode = state.mode if state is not None else None
     try:
-        model.eval()
-        if state is not None:
-            state.mode = "hard"
-        with torch.no_grad():
+        with kept_train_flags(model), torch.no_grad():
+            model.eval()
+            if state is not None:
+                state.mode = "hard"
             return int(model(x).shape[1])
     finally:
-        for m, flag in flags:
-            m.training = flag
         if state is not None:
             state.mode = mode
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modes import kept_train_flags
 from .pathbn import PathBatchNorm, PathBatchNorm1d, PathBatchNorm2d, to_path_batchnorm  # noqa: F401 (public here)
 
 ROUTING_MODES = ("hard", "soft", "auto")
@@ -457,11 +458,10 @@ def route_on(model: nn.Module, x_route):
     losses still reach them). Soft and hard routing alike; a path that was not recorded (``top_k``
     pruned it while recording) routes on its own features."""
     state = tree_state(model)
-    flags = [(m, m.training) for m in model.modules()]
     state.recording = {}
     try:
-        model.eval()
-        with torch.no_grad():
+        with kept_train_flags(model), torch.no_grad():
+            model.eval()
             try:
                 model(x_route)
             except _Recorded:
@@ -470,8 +470,6 @@ def route_on(model: nn.Module, x_route):
     finally:
         state.recording = None
         state.ctx = None
-        for m, flag in flags:
-            m.training = flag
     state.route_source = recorded
     try:
         yield model
@@ -591,13 +589,12 @@ def forward_leaf(model: nn.Module, x: torch.Tensor, leaf: int) -> torch.Tensor:
 def route(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The leaf index (0 .. 2**depth - 1) each sample of ``x`` takes under hard routing."""
     state = tree_state(model)
-    saved, was_training = state.mode, model.training
+    saved = state.mode
     state.mode = "hard"
     try:
-        model.eval()
-        with torch.no_grad():
+        with kept_train_flags(model), torch.no_grad():
+            model.eval()
             model(x)
     finally:
         state.mode = saved
-        model.train(was_training)
     return state.last_leaves.clone()

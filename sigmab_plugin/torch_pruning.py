@@ -23,6 +23,7 @@ from torch import nn
 
 from . import _calib, _split
 from ._forward import run_model, using_forward_fn
+from ._modes import kept_train_flags
 from ._trace import PARAM_LAYERS
 from .branch import _resolve_config, _restore_flags, assemble, plan_tree, prepare
 from .config import BranchConfig
@@ -46,18 +47,15 @@ class ActivationImportance(tp.importance.Importance):
                         else x.abs().flatten(2).mean(2)
                     sums[mod] = sums.get(mod, 0) + s.double().sum(0).cpu()
                 handles.append(m.register_forward_pre_hook(hook))
-        flags = [(m, m.training) for m in model.modules()]
         try:
-            model.eval()
-            with torch.no_grad(), using_forward_fn(forward_fn):
+            with kept_train_flags(model), torch.no_grad(), using_forward_fn(forward_fn):
+                model.eval()
                 for x in _calib.iter_inputs(calib_data, batch_size):
                     run_model(model, x)
                     count[0] += x.shape[0]
         finally:
             for h in handles:
                 h.remove()
-            for m, flag in flags:
-                m.training = flag
         if count[0] == 0:
             raise ValueError("calib_data is empty: ActivationImportance needs calibration inputs")
         self.stats = {m: v / count[0] for m, v in sums.items()}

@@ -110,3 +110,10 @@ def test_route_inputs_is_validated(tree):
     with pytest.raises(ValueError, match="in-memory"):
         ft.finetune(model, loader, None, None, FinetuneConfig(epochs=1, progress=False, route_inputs="clean"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_route_keeps_every_modules_own_train_flag(tree):
+    model = copy.deepcopy(tree).train()
+    model.layer1.eval()  # e.g. BatchNorm that freeze_batchnorm fixed: model.train(True) afterwards would undo it
+    sb.route(model, images(4, seed=8))
+    assert model.training and not model.layer1.training and model.layer2.training
