@@ -33,7 +33,7 @@ def leaves(model, x: torch.Tensor, batch: int, batch_stats: bool) -> torch.Tenso
         return torch.cat([sb.route(model, x[i:i + batch]) for i in range(0, len(x), batch)])
     m = copy.deepcopy(model).train()  # a copy: train mode updates the running statistics
     state, out = tree_state(m), []
-    state.mode = "hard"
+    sb.set_routing(m, "hard")
     with torch.no_grad():
         for i in range(0, len(x), batch):
             m(x[i:i + batch])

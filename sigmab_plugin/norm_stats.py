@@ -16,6 +16,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
+from ._modes import kept_train_flags
 from .routing import RoutedModule, is_branched, set_routing, tree_state
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -61,32 +62,30 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: Opti
         return 0
     saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms}
     momenta = {m: m.momentum for m in norms}
-    flags = [(m, m.training) for m in model.modules()]
     routing = tree_state(model).settings() if is_branched(model) else None
     used = 0
-    try:
-        if routing is not None:
-            set_routing(model, "hard", balance_rate=0.0)
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-        model.train()
-        for xb in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            model(xb[0] if isinstance(xb, (tuple, list)) else xb)
-            used += 1
-    except BaseException:
-        used = -1  # failed: every layer gets its statistics back
-        raise
-    finally:
-        for m in norms:
-            m.momentum = momenta[m]
-            if used < 0 or int(m.num_batches_tracked) == 0:  # or no sample reached it (a leaf nothing was routed to)
-                for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[m]):
-                    buf.copy_(old)
-        for m, flag in flags:
-            m.training = flag
-        if routing is not None:
-            set_routing(model, **routing)
+    with kept_train_flags(model):  # every module gets its own train/eval flag back
+        try:
+            if routing is not None:
+                set_routing(model, "hard", balance_rate=0.0)
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches
+            model.train()
+            for xb in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                model(xb[0] if isinstance(xb, (tuple, list)) else xb)
+                used += 1
+        except BaseException:
+            used = -1  # failed: every layer gets its statistics back
+            raise
+        finally:
+            for m in norms:
+                m.momentum = momenta[m]
+                if used < 0 or int(m.num_batches_tracked) == 0:  # or no sample reached it (a leaf nothing was routed to)
+                    for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved[m]):
+                        buf.copy_(old)
+            if routing is not None:
+                set_routing(model, **routing)
     return used
