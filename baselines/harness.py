@@ -43,6 +43,7 @@ class HarnessConfig:
     keep_ratio: float = 0.5
     prune_residual: bool = True
     coverage: bool = False  # True: SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
+    channel_score: str = "activation"  # how SigmaB's nodes rank channels (BranchConfig.channel_score)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -127,7 +128,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     dense_params = sum(p.numel() for p in dense.parameters())
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
     calib = calibration_set(train, data.normalize, cfg.calib_size, cfg.seed, cfg.device)
-    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio)
+    opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio,
+                channel_score=cfg.channel_score)
     run = RunContext(dense, calib, None, opts, classifier_name(dense), cfg.seed, cfg.target_fraction)
     prepared = {}  # method -> (model, seconds)
     if cfg.target_fraction is not None:

@@ -108,6 +108,12 @@ VARIANTS = {
     # diagnostic: the untrained tree's most-routed path exported as a plain network and fine-tuned like FPGM (is a
     # leaf weaker than FPGM because of its channels, or because of the tree's training?)
     "nocover_leaf": ("sigmab", {"coverage": False}, dict(export_leaf=True), True),
+    # nodes rank channels by |activation| x the L2 norm of the weights it feeds (Wanda's criterion)
+    "aw_leaf": ("sigmab", {"coverage": False, "channel_score": "activation_weight"}, dict(export_leaf=True), True),
+    "aw_bnshared": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
+                    dict(balance_weight=2.0, bn_mode="shared"), True),
+    "aw_bnshared_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
+                       dict(balance_weight=2.0, bn_mode="shared", seed=1), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),

@@ -24,6 +24,7 @@ import torch
 from sigmab_plugin.baselines.data import DATASETS
 from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
+from sigmab_plugin.config import CHANNEL_SCORES
 from sigmab_plugin.finetune import BN_MODES, ROUTE_INPUTS, FinetuneConfig
 
 
@@ -42,6 +43,9 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB siblings together keep every dense channel (needs keep >= 0.5; off: each child keeps "
                          "its own most active channels, measured +1 pp at equal active parameters)")
+    ap.add_argument("--channel-score", default="activation", choices=CHANNEL_SCORES,
+                    help="how each SigmaB node ranks its channels: mean |activation| on its samples, or that times "
+                         "the norm of the weights each channel feeds (activation_weight)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
@@ -116,7 +120,7 @@ def parse(argv=None) -> tuple:
                         progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
-                        prune_residual=not a.no_residual, coverage=a.coverage,
+                        prune_residual=not a.no_residual, coverage=a.coverage, channel_score=a.channel_score,
                         target_fraction=a.target_fraction, pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,

@@ -50,6 +50,7 @@ class GroupInfo:
     consumers: Dict[str, Tuple[List[int], List[int]]] = field(default_factory=dict)  # name -> (idxs, root_idxs)
     writers: set = field(default_factory=set)  # modules whose output channels these are
     members: set = field(default_factory=set)  # every named module the group touches
+    column_norms: Dict[str, torch.Tensor] = field(default_factory=dict)  # consumer -> L2 norm of each input column
 
 
 def _level_of(name: str, unit_level: Dict[str, int]) -> int:
@@ -82,7 +83,7 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
         if root not in names:
             continue
         outs, ins, levels, align = set(), set(), set(), 1
-        consumers = {}
+        consumers, norms = {}, {}
         for item in group.items:
             module = item.dep.target.module
             name = names.get(module)
@@ -95,14 +96,26 @@ def describe_groups(model: nn.Module, dg: tp.DependencyGraph, unit_level: Dict[s
                 ins.add(name)
                 if isinstance(module, PARAM_LAYERS):
                     consumers[name] = (list(item.idxs), list(item.root_idxs))
+                    norms[name] = column_norms(module)
             if isinstance(module, _CONV) and 1 < module.groups < module.in_channels:
                 align = max(align, module.groups)
         writers = [model.get_submodule(n) for n in outs - ins]  # layers that only write these channels
         producers = sum(1 for m in writers if isinstance(m, PARAM_LAYERS) and getattr(m, "groups", 1) == 1)
         n = dg.get_out_channels(root)
         members = {names[i.dep.target.module] for i in group.items if i.dep.target.module in names}
-        infos.append(GroupInfo(names[root], n, levels, producers, align, consumers, outs, members))
+        infos.append(GroupInfo(names[root], n, levels, producers, align, consumers, outs, members, norms))
     return infos
+
+
+def column_norms(module: nn.Module) -> torch.Tensor:
+    """L2 norm of the weights each input channel of a conv/linear layer feeds (one value per input
+    channel; a grouped conv's column holds only its own group's outputs)."""
+    w = module.weight.detach().double()
+    if isinstance(module, nn.Linear):
+        return w.norm(dim=0).cpu()
+    groups = getattr(module, "groups", 1)
+    per_group = w.view(groups, w.shape[0] // groups, w.shape[1], -1)  # (groups, out/group, in/group, k)
+    return per_group.pow(2).sum(dim=(1, 3)).sqrt().flatten().cpu()  # group-major input order
 
 
 def _keep_count(ratio: float, n: int, round_to: int) -> int:
@@ -131,27 +144,32 @@ def _cover(scores: List[torch.Tensor], k: int) -> List[torch.Tensor]:
 
 
 def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
-                 unit_level: Dict[str, int]) -> Optional[torch.Tensor]:
-    """Per root channel: mean |input| of each consumer in ``level`` (each normalised to mean 1), summed."""
-    score = torch.zeros(info.n, dtype=torch.float64)
+                 unit_level: Dict[str, int], score: str = "activation") -> Optional[torch.Tensor]:
+    """Per root channel: mean |input| of each consumer in ``level`` (with ``score="activation_weight"``
+    times the L2 norm of the weights that input feeds), each consumer normalised to mean 1, summed."""
+    total = torch.zeros(info.n, dtype=torch.float64)
     used = False
     for name, (idxs, root_idxs) in info.consumers.items():
         if _level_of(name, unit_level) != level or name not in stats:
             continue
         s = stats[name].double()
+        if score == "activation_weight" and name in info.column_norms and \
+                info.column_norms[name].numel() == s.numel():
+            s = s * info.column_norms[name]
         s = s / s.mean().clamp_min(1e-12)
         valid = [(i, r) for i, r in zip(idxs, root_idxs) if r is not None and i < s.numel()]
-        score.index_add_(0, torch.tensor([r for _, r in valid], dtype=torch.long),
+        total.index_add_(0, torch.tensor([r for _, r in valid], dtype=torch.long),
                          s[torch.tensor([i for i, _ in valid], dtype=torch.long)])
         used = True
-    return score if used else None
+    return total if used else None
 
 
 def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torch.Tensor]],
              parent_plans: List[Dict[str, List[int]]], ratio: float, coverage: bool, prune_residual: bool,
              round_to: int, unit_level: Dict[str, int], whole: Sequence[str] = (),
-             ratios: Optional[Dict[str, float]] = None) -> List[Dict[str, List[int]]]:
-    """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics.
+             ratios: Optional[Dict[str, float]] = None, score: str = "activation") -> List[Dict[str, List[int]]]:
+    """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics
+    (``score``: see :func:`group_scores`).
 
     Groups touching a module of ``whole`` stay unpruned; ``ratios`` (module name -> keep ratio)
     overrides ``ratio`` for the groups whose channels that module writes."""
@@ -176,7 +194,7 @@ def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torc
             continue
         for parent in range(0, n_nodes, 2):
             sibs = [parent, parent + 1]
-            scores = [group_scores(info, node_stats[j], level, unit_level) for j in sibs]
+            scores = [group_scores(info, node_stats[j], level, unit_level, score) for j in sibs]
             if any(s is None for s in scores):
                 continue  # nothing in this level reads these channels: leave them whole
             m = info.n // info.align

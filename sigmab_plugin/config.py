@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Union
 
 CONFIG_VERSION = 1
+CHANNEL_SCORES = ("activation", "activation_weight")
 
 
 def _real(name: str, value, shown: str = "") -> float:
@@ -34,6 +35,10 @@ class BranchConfig:
     coverage: bool = field(
         default=False, metadata={"help": "siblings together keep every dense channel (needs keep_ratio >= 0.5); "
                                          "off: each child keeps its own most active channels (measured +1 pp)"})
+    channel_score: str = field(
+        default="activation", metadata={"help": "how a node ranks its channels: 'activation' (mean |input| of "
+                                                "the consumers on the node's samples) or 'activation_weight' "
+                                                "(times the L2 norm of the weights each input feeds, as Wanda)"})
     prune_residual: bool = field(
         default=False, metadata={"help": "also prune residual-stream channels (groups with several producers)"})
     round_to: int = field(default=1, metadata={"help": "kept channel counts are multiples of this"})
@@ -84,6 +89,8 @@ class BranchConfig:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"{name}={v!r} must be True or False ({type(v).__name__} given)")
+        if self.channel_score not in CHANNEL_SCORES:
+            raise ValueError(f"channel_score={self.channel_score!r} is not one of {CHANNEL_SCORES}")
         if self.router_tau is not None:
             _real("router_tau", self.router_tau)
         _real("min_cluster_share", self.min_cluster_share)

@@ -125,6 +125,13 @@ def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     assert moved or cal["leaf_share_before"] == cal["leaf_share_after"]  # the offsets were saved with the tree
 
 
+def test_channel_score_flag_reaches_the_saved_tree(tmp_path):
+    cli.main(TINY + ["--methods", "sigmab", "--channel-score", "activation_weight", "--out", str(tmp_path)])
+    tree = sb.load_branched(create_model("resnet20", 10, shortcut="B"), tmp_path / "sigmab" / "tree")
+    assert sb.tree_state(tree).spec["config"]["channel_score"] == "activation_weight"
+    assert cli.parse(TINY)[0].channel_score == "activation"
+
+
 def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):
     ridges = []  # what sb.reconstruct was called with, per pruned model
     real = sb.reconstruct
