@@ -26,15 +26,20 @@ from ._forward import run_model, using_forward_fn
 from ._modes import kept_train_flags
 from ._trace import PARAM_LAYERS
 from .branch import _resolve_config, _restore_flags, assemble, plan_tree, prepare
-from .config import BranchConfig
+from .config import CHANNEL_SCORES, BranchConfig
 
 
 class ActivationImportance(tp.importance.Importance):
     """Channel importance = mean |activation| entering the group's consumer layers (conv/linear inputs)
-    over ``calib_data``, each layer normalised to mean 1 and summed over the group: the score SigmaB
-    allocates each node's channels with, computed over all the data (a static pruner has one node)."""
+    over ``calib_data`` (``score="activation_weight"``: times the L2 norm of the weights each input feeds),
+    each layer normalised to mean 1 and summed over the group: the score SigmaB allocates each node's
+    channels with (``BranchConfig.channel_score``), computed over all the data (a static pruner has one node)."""
 
-    def __init__(self, model: nn.Module, calib_data, batch_size: int = 64, forward_fn: Optional[Callable] = None):
+    def __init__(self, model: nn.Module, calib_data, batch_size: int = 64, forward_fn: Optional[Callable] = None,
+                 score: str = "activation"):
+        if score not in CHANNEL_SCORES:
+            raise ValueError(f"score={score!r} is not one of {CHANNEL_SCORES}")
+        self.score = score
         _calib.check_calib_data(calib_data)
         sums: Dict[nn.Module, torch.Tensor] = {}
         count = [0]
@@ -71,6 +76,9 @@ class ActivationImportance(tp.importance.Importance):
             idxs = torch.as_tensor(item.idxs, dtype=torch.long)
             if int(idxs.max()) >= stats.numel():
                 continue
+            if self.score == "activation_weight":
+                norms = _split.column_norms(item.dep.target.module)
+                stats = stats * norms if norms.numel() == stats.numel() else stats
             s = stats / stats.mean().clamp_min(1e-12)
             score.index_add_(0, torch.as_tensor(item.root_idxs, dtype=torch.long), s[idxs])
             used = True
@@ -121,6 +129,12 @@ class SigmaBPruner:
             if module not in names:
                 raise ValueError(f"ignored_layers holds a {type(module).__name__} that is not a module of the model")
             ignored.append(names[module])
+        if importance is not None:  # its score is the one every node ranks its channels by
+            stated = options.get("channel_score", config.channel_score if config is not None else None)
+            if stated not in (None, importance.score):
+                raise ValueError(f"channel_score={stated!r} contradicts importance's score={importance.score!r}: "
+                                 "give one of them")
+            options["channel_score"] = importance.score
         if round_to is not None:
             options["round_to"] = round_to
         if keep_dict:

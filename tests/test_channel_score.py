@@ -110,3 +110,36 @@ def test_column_norms_are_the_norms_of_each_input_channels_weights(layer):
 def test_unknown_channel_score_is_refused():
     with pytest.raises(ValueError, match="channel_score='wanda' is not one of"):
         sb.BranchConfig(channel_score="wanda")
+
+
+def test_activation_importance_score_reaches_static_pruners_and_sigmab_pruner():
+    import torch_pruning as tp
+    from sigmab_plugin.torch_pruning import ActivationImportance, SigmaBPruner
+
+    torch.manual_seed(1)
+    model = Net().eval()
+    with torch.no_grad():
+        model.c.weight.mul_(torch.linspace(0.1, 3.0, 16).view(1, 16, 1, 1))
+    calib = images(64, seed=3)
+
+    def score(kind):  # b's output channels as one static pruner would rank them
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=calib[:2])
+        g = dg.get_pruning_group(model.b, tp.prune_conv_out_channels, list(range(16)))
+        return ActivationImportance(model, calib, score=kind)(g)
+    seen = []
+    h = model.c.register_forward_pre_hook(lambda m, i: seen.append(i[0].abs().mean((2, 3)).mean(0).double()))
+    with torch.no_grad():
+        model(calib)
+    h.remove()
+    product = seen[0] * model.c.weight.detach().double().pow(2).sum((0, 2, 3)).sqrt()
+    torch.testing.assert_close(score("activation_weight").double(), product / product.mean())
+    torch.testing.assert_close(score("activation").double(), seen[0] / seen[0].mean())
+
+    pruned = SigmaBPruner(copy.deepcopy(model), calib[:2], ActivationImportance(model, calib, score="activation_weight"),
+                          calib_data=calib, split_points=["stem", "a"], progress=False)
+    assert pruned.config.channel_score == "activation_weight"
+    with pytest.raises(ValueError, match="contradicts importance's score='activation_weight'"):
+        SigmaBPruner(copy.deepcopy(model), calib[:2], ActivationImportance(model, calib, score="activation_weight"),
+                     calib_data=calib, split_points=["stem", "a"], channel_score="activation", progress=False)
+    with pytest.raises(ValueError, match="score='wanda' is not one of"):
+        ActivationImportance(model, calib, score="wanda")
