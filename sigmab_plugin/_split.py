@@ -153,9 +153,8 @@ def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
         if _level_of(name, unit_level) != level or name not in stats:
             continue
         s = stats[name].double()
-        if score == "activation_weight" and name in info.column_norms and \
-                info.column_norms[name].numel() == s.numel():
-            s = s * info.column_norms[name]
+        if score == "activation_weight":
+            s = s * info.column_norms[name]  # one entry per input channel, as the statistics
         s = s / s.mean().clamp_min(1e-12)
         valid = [(i, r) for i, r in zip(idxs, root_idxs) if r is not None and i < s.numel()]
         total.index_add_(0, torch.tensor([r for _, r in valid], dtype=torch.long),

@@ -90,7 +90,7 @@ class BranchConfig:
             if not isinstance(v, bool):
                 raise TypeError(f"{name}={v!r} must be True or False ({type(v).__name__} given)")
         if self.channel_score not in CHANNEL_SCORES:
-            raise ValueError(f"channel_score={self.channel_score!r} is not one of {CHANNEL_SCORES}")
+            raise ValueError(f"channel_score={self.channel_score!r} is not one of {CHANNEL_SCORES}: use one of them")
         if self.router_tau is not None:
             _real("router_tau", self.router_tau)
         _real("min_cluster_share", self.min_cluster_share)

@@ -38,7 +38,7 @@ class ActivationImportance(tp.importance.Importance):
     def __init__(self, model: nn.Module, calib_data, batch_size: int = 64, forward_fn: Optional[Callable] = None,
                  score: str = "activation"):
         if score not in CHANNEL_SCORES:
-            raise ValueError(f"score={score!r} is not one of {CHANNEL_SCORES}")
+            raise ValueError(f"score={score!r} is not one of {CHANNEL_SCORES}: use one of them")
         self.score = score
         _calib.check_calib_data(calib_data)
         sums: Dict[nn.Module, torch.Tensor] = {}
@@ -77,8 +77,7 @@ class ActivationImportance(tp.importance.Importance):
             if int(idxs.max()) >= stats.numel():
                 continue
             if self.score == "activation_weight":
-                norms = _split.column_norms(item.dep.target.module)
-                stats = stats * norms if norms.numel() == stats.numel() else stats
+                stats = stats * _split.column_norms(item.dep.target.module)
             s = stats / stats.mean().clamp_min(1e-12)
             score.index_add_(0, torch.as_tensor(item.root_idxs, dtype=torch.long), s[idxs])
             used = True

@@ -114,10 +114,11 @@ def test_soft_routing_is_differentiable(family):
     assert all(p.grad is not None for m in routed for p in m.variants.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("score", ["activation", "activation_weight"])  # the second reads grouped column norms
 @pytest.mark.parametrize("family", ["resnext", "regnet"])
-def test_grouped_conv_keep_sets_are_aligned(family):
+def test_grouped_conv_keep_sets_are_aligned(family, score):
     """Keep-sets of groups with grouped convolutions keep the same local positions in every group."""
-    _, tree = _branched(family, depth=2, keep_ratio=0.5)
+    _, tree = _branched(family, depth=2, keep_ratio=0.5, channel_score=score)
     dense = make_model(family)
     checked = 0
     for node, plan in tree._sigmab_tree.spec["plan"].items():
