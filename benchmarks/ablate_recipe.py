@@ -114,6 +114,10 @@ VARIANTS = {
                     dict(balance_weight=2.0, bn_mode="shared"), True),
     "aw_bnshared_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
                        dict(balance_weight=2.0, bn_mode="shared", seed=1), True),
+    # the default recipe (bal2_nocover) with the weight-aware score: decides the default channel_score
+    "aw_nocover": ("sigmab", {"coverage": False, "channel_score": "activation_weight"}, dict(balance_weight=2.0), True),
+    "aw_nocover_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
+                      dict(balance_weight=2.0, seed=1), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),

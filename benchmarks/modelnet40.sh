@@ -9,7 +9,7 @@
 # Every step resumes from its per-epoch checkpoints (--resume), so the script can be rerun until done.
 #   bash benchmarks/modelnet40.sh [pretrain|compare|report ...]   (default: all three)
 #   MODEL=pointnet2_msg WIDTH=0.25 PRE_EPOCHS=12 EPOCHS=3 set the variant (the report states them);
-#   OUT and RESULTS move the run folder and the report.
+#   OUT and RESULTS move the run folder and the report; STEM names the report (default modelnet40).
 # On 2 CPU cores at width 0.25 a dense training epoch takes about 9 minutes (17.9 shapes/s,
 # benchmarks/results/pointnet_speed.md).
 set -euo pipefail
@@ -19,6 +19,7 @@ MODEL=${MODEL:-pointnet2_ssg}
 WIDTH=${WIDTH:-0.25}
 OUT=${OUT:-runs/modelnet40/${MODEL}_w${WIDTH}}
 RESULTS=${RESULTS:-benchmarks/results}
+STEM=${STEM:-modelnet40}
 # EXTRA: more compare_baselines options, e.g. "--train-limit 64 --test-limit 32" for a smoke test
 read -r -a extra <<< "${EXTRA:-}"
 common=(--quiet --resume --data modelnet40 --model "$MODEL" --width "$WIDTH" --batch-size 32 --calib-size 256
@@ -42,8 +43,8 @@ compare() {
 
 report() {  # rows of runs whose folders are gone come from the committed report
   local prior=()
-  [ -f "$RESULTS/modelnet40.json" ] && prior=(--prior "$RESULTS/modelnet40.json")
-  $PY -m benchmarks.report_long "$OUT/runs" "$RESULTS" modelnet40 benchmarks/modelnet40.sh 1.72 "${prior[@]}"
+  [ -f "$RESULTS/$STEM.json" ] && prior=(--prior "$RESULTS/$STEM.json")
+  $PY -m benchmarks.report_long "$OUT/runs" "$RESULTS" "$STEM" benchmarks/modelnet40.sh 1.72 "${prior[@]}"
 }
 
 # exit on the line bash has already read: an edit to this file during a long run cannot run stray lines

@@ -38,7 +38,9 @@ def variant(r: dict) -> str:
     (harness --reconstruct), so those rows are compared beside the plain ones, never averaged with them; a
     ridge other than the harness's default is named ("+recon@1"). A tree trained with another recipe than
     the default (``--decisive-weight 0.5``...) or with its routing calibrated is named by the change too
-    ("sigmab+decisive_weight=0.5"); a key a row lacks (an older run) counts as the default."""
+    ("sigmab+decisive_weight=0.5"), as is a tree whose nodes rank channels by another score than the default
+    (``+channel_score=...``; a row from before the option ranked by activation); a key a row lacks (an older run)
+    counts as the default."""
     name = r["method"]
     default, ft = FinetuneConfig(), r.get("finetune") or {}
     keys = TREE_RECIPE if name == "sigmab" else EVERY_RECIPE
@@ -46,6 +48,9 @@ def variant(r: dict) -> str:
         keys = ()
     name += "".join(f"+{k}={ft[k]:g}" if isinstance(ft[k], float) else f"+{k}={ft[k]}"
                     for k in keys if k in ft and ft[k] != getattr(default, k))
+    score = r.get("channel_score", "activation")
+    if r["method"] == "sigmab" and score != HarnessConfig.channel_score:
+        name += f"+channel_score={score}"
     if r["method"] == "sigmab" and r.get("routing_calibration"):
         name += "+calibrated"
     rec = r.get("reconstruction")
@@ -66,7 +71,9 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         data = json.loads(f.read_text())
         frac = data["config"]["target_fraction"]
         commit = data.get("machine", {}).get("commit")
+        score = data["config"].get("channel_score", "activation")  # runs before the option ranked by activation
         for r in data["rows"]:
+            r = {**r, "channel_score": score} if r["method"] == "sigmab" else r
             rows.append({**r, "run": f.parent.name, "target": frac, "commit": commit, "variant": variant(r)})
     if prior is not None:
         have = {(r["run"], r["method"]) for r in rows}

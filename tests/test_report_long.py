@@ -190,3 +190,23 @@ def test_keep_ratio_steps_are_whole_channels():
     assert fractions[0] == fractions[1] and fractions[1] < fractions[2] < fractions[3]  # same keep, same tree
     assert [k for k, _ in got] == [0.5, 0.5, 0.75, 1.0]
     assert sum(p.numel() for p in dense.parameters()) == sum(p.numel() for p in make_model("resnet").parameters())
+
+
+@pytest.mark.parametrize("default", ["activation", "activation_weight"])
+def test_a_tree_ranked_by_another_channel_score_is_its_own_variant(tmp_path, monkeypatch, default):
+    monkeypatch.setattr(report_long.HarnessConfig, "channel_score", default)
+    # a run from before the option (no channel_score in its config) ranked channels by activation
+    for name, score, top1 in (("m_f0.40_s0", None, 0.80), ("m_f0.40_s0_aw", "activation_weight", 0.83)):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        config = {"target_fraction": 0.4, **({} if score is None else {"channel_score": score})}
+        rows = [_row("sigmab", 0.39, top1), _row("fpgm", 0.39, 0.81)]
+        (d / "results.json").write_text(json.dumps({"config": config, "rows": rows}))
+    report_long.main(str(tmp_path / "runs"), str(tmp_path / "out"))
+    margins = json.loads((tmp_path / "out" / "long_comparison.json").read_text())["summary"]["pointnet2_ssg"]["margins"]
+    old, new = (("sigmab", "sigmab+channel_score=activation_weight") if default == "activation" else
+                ("sigmab+channel_score=activation", "sigmab"))
+    assert set(margins) == {old, new}  # never averaged together (that would give 81.5%)
+    assert margins[old]["0.4"]["sigmab"] == 0.80 and margins[new]["0.4"]["sigmab"] == 0.83
+    text = (tmp_path / "out" / "long_comparison.md").read_text()
+    assert text.count("| fpgm | 0.4 |") == 2 and "fpgm+channel_score" not in text  # static rows carry no tree score
