@@ -43,7 +43,7 @@ class HarnessConfig:
     keep_ratio: float = 0.5
     prune_residual: bool = True
     coverage: bool = False  # True: SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
-    channel_score: str = "activation"  # how SigmaB's nodes rank channels (BranchConfig.channel_score)
+    channel_score: str = "activation_weight"  # how SigmaB's nodes rank channels (BranchConfig.channel_score)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -16,6 +16,8 @@
 #   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
 #   RIDGE="0.01 fpgm=1 hrank=1" (with RECON=1) passes --reconstruct-ridge: one number for every method, or
 #   METHOD=NUMBER for one; the runs go to runs/long/*_recon_<RIDGE with spaces as _>.
+#   TAG=name appends _name to every run folder (runs/long/*_name): a rerun under another default (e.g. the
+#   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -28,6 +30,7 @@ if [ -n "${RIDGE:-}" ]; then
   read -ra ridge <<< "$RIDGE"
   common+=(--reconstruct-ridge "${ridge[@]}"); suffix=_recon_${RIDGE// /_}
 fi
+suffix+=${TAG:+_$TAG}
 
 run() {  # model checkpoint epochs fraction seed methods...
   local model=$1 ckpt=$2 epochs=$3 frac=$4 seed=$5
@@ -44,7 +47,7 @@ run() {  # model checkpoint epochs fraction seed methods...
 
 both() {  # model checkpoint epochs
   local dense=dense
-  [ -n "$suffix" ] && dense=""  # --reconstruct leaves the dense model alone: the plain run's dense row stands
+  [ -n "$suffix" ] && dense=""  # --reconstruct and TAG leave the dense model alone: the plain run's dense row stands
   run "$1" "$2" "$3" 0.40 0 $dense sigmab fpgm hrank
   run "$1" "$2" "$3" 0.40 1 sigmab fpgm hrank  # the second seed first: it tests the headline comparison
   run "$1" "$2" "$3" 0.30 0 sigmab fpgm hrank

@@ -43,7 +43,7 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB siblings together keep every dense channel (needs keep >= 0.5; off: each child keeps "
                          "its own most active channels, measured +1 pp at equal active parameters)")
-    ap.add_argument("--channel-score", default="activation", choices=CHANNEL_SCORES,
+    ap.add_argument("--channel-score", default=HarnessConfig.channel_score, choices=CHANNEL_SCORES,
                     help="how each SigmaB node ranks its channels: mean |activation| on its samples, or that times "
                          "the norm of the weights each channel feeds (activation_weight)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")

@@ -144,7 +144,7 @@ def _cover(scores: List[torch.Tensor], k: int) -> List[torch.Tensor]:
 
 
 def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
-                 unit_level: Dict[str, int], score: str = "activation") -> Optional[torch.Tensor]:
+                 unit_level: Dict[str, int], score: str) -> Optional[torch.Tensor]:
     """Per root channel: mean |input| of each consumer in ``level`` (with ``score="activation_weight"``
     times the L2 norm of the weights that input feeds), each consumer normalised to mean 1, summed."""
     total = torch.zeros(info.n, dtype=torch.float64)
@@ -166,7 +166,7 @@ def group_scores(info: GroupInfo, stats: Dict[str, torch.Tensor], level: int,
 def allocate(infos: List[GroupInfo], level: int, node_stats: List[Dict[str, torch.Tensor]],
              parent_plans: List[Dict[str, List[int]]], ratio: float, coverage: bool, prune_residual: bool,
              round_to: int, unit_level: Dict[str, int], whole: Sequence[str] = (),
-             ratios: Optional[Dict[str, float]] = None, score: str = "activation") -> List[Dict[str, List[int]]]:
+             ratios: Optional[Dict[str, float]] = None, *, score: str) -> List[Dict[str, List[int]]]:
     """Keep-sets (root channel lists) of every node of ``level``; ``node_stats[j]`` are node j's statistics
     (``score``: see :func:`group_scores`).
 

@@ -162,7 +162,7 @@ def plan_tree(model, cfg: BranchConfig, calib_data, example, device, pruners=Non
         node_stats = [{k: v[j] / max(float(counts[l][j]), 1.0) for k, v in sums[l].items()} for j in range(2 ** l)]
         level_plans = _split.allocate(infos, l, node_stats, parent_plans, cfg.keep_ratios()[l - 1], cfg.coverage,
                                       cfg.prune_residual, cfg.round_to, unit_level, cfg.ignored_layers or (),
-                                      cfg.keep_ratio_dict, cfg.channel_score)
+                                      cfg.keep_ratio_dict, score=cfg.channel_score)
         plans.update({f"{l}/{j}": p for j, p in enumerate(level_plans)})
         parent_plans = level_plans
     if min(cfg.keep_ratios() + list((cfg.keep_ratio_dict or {}).values())) < 1.0 and not any(plans.values()):

@@ -7,8 +7,8 @@ customized_pruners) and ``step()`` restructures the model in place into a SigmaB
 :func:`sigmab_plugin.branch` with the same settings; ``step(interactive=True)`` yields every node's
 pruning groups before they are applied (call ``group.prune()``; a group left unpruned keeps its
 channels in that node and below it). ``ActivationImportance`` scores a group by the mean |input| its
-consumer layers see on calibration data: SigmaB's per-node allocation score, usable by any static
-Torch-Pruning pruner.
+consumer layers see on calibration data times the norm of the weights each input feeds (or the mean |input|
+alone, ``score="activation"``): SigmaB's per-node allocation score, usable by any static Torch-Pruning pruner.
 
     pruner = SigmaBPruner(model, example_inputs, calib_data=images, depth=2, pruning_ratio=0.5)
     pruner.step()                           # model is now a tree
@@ -31,12 +31,12 @@ from .config import CHANNEL_SCORES, BranchConfig
 
 class ActivationImportance(tp.importance.Importance):
     """Channel importance = mean |activation| entering the group's consumer layers (conv/linear inputs)
-    over ``calib_data`` (``score="activation_weight"``: times the L2 norm of the weights each input feeds),
+    over ``calib_data`` times the L2 norm of the weights each input feeds (``score="activation"``: without it),
     each layer normalised to mean 1 and summed over the group: the score SigmaB allocates each node's
     channels with (``BranchConfig.channel_score``), computed over all the data (a static pruner has one node)."""
 
     def __init__(self, model: nn.Module, calib_data, batch_size: int = 64, forward_fn: Optional[Callable] = None,
-                 score: str = "activation"):
+                 score: str = BranchConfig.channel_score):
         if score not in CHANNEL_SCORES:
             raise ValueError(f"score={score!r} is not one of {CHANNEL_SCORES}: use one of them")
         self.score = score

@@ -126,10 +126,10 @@ def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
 
 
 def test_channel_score_flag_reaches_the_saved_tree(tmp_path):
-    cli.main(TINY + ["--methods", "sigmab", "--channel-score", "activation_weight", "--out", str(tmp_path)])
+    cli.main(TINY + ["--methods", "sigmab", "--channel-score", "activation", "--out", str(tmp_path)])
     tree = sb.load_branched(create_model("resnet20", 10, shortcut="B"), tmp_path / "sigmab" / "tree")
-    assert sb.tree_state(tree).spec["config"]["channel_score"] == "activation_weight"
-    assert cli.parse(TINY)[0].channel_score == "activation"
+    assert sb.tree_state(tree).spec["config"]["channel_score"] == "activation"
+    assert cli.parse(TINY)[0].channel_score == "activation_weight" == sb.BranchConfig().channel_score
 
 
 def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):

@@ -12,8 +12,12 @@ def _row(method, frac, top1, **extra):
          "test_images": 2468, "train_images_per_second": 20.0}
     if method == "sigmab":
         r.update(leaf_histogram=[600, 700, 500, 668], best_leaf_top1=top1 - 0.01, oracle_top1=top1 + 0.05,
-                 conditional_gain=0.01)
+                 conditional_gain=0.01, channel_score=report_long.HarnessConfig.channel_score)
     return {**r, **extra}
+
+
+def _config(frac):  # a run of today's harness: its config names the tree's channel score
+    return {"target_fraction": frac, "channel_score": report_long.HarnessConfig.channel_score}
 
 
 def test_report_for_a_new_comparison(tmp_path):
@@ -24,7 +28,7 @@ def test_report_for_a_new_comparison(tmp_path):
                                _row("fpgm", 0.29, 0.83)])):
         d = tmp_path / "runs" / f"pointnet2_ssg_f{frac:.2f}_s0"
         d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": frac}, "rows": rows}))
+        (d / "results.json").write_text(json.dumps({"config": _config(frac), "rows": rows}))
     out = tmp_path / "out"
     report_long.main(str(tmp_path / "runs"), str(out), "modelnet40", "benchmarks/modelnet40.sh", "1.72")
     text = (out / "modelnet40.md").read_text()
@@ -46,7 +50,7 @@ def test_report_for_a_new_comparison(tmp_path):
 def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_path):
     d = tmp_path / "runs" / "m_f0.30_s0"
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.3}, "machine": {"commit": "abc1234"},
+    (d / "results.json").write_text(json.dumps({"config": _config(0.3), "machine": {"commit": "abc1234"},
                                                 "rows": [_row("sigmab", 0.29, 0.80), _row("fpgm", 0.29, 0.78)]}))
     prior_rows = [{**_row("sigmab", 0.39, 0.86), "run": "m_f0.40_s0", "target": 0.4},
                   {**_row("fpgm", 0.39, 0.85), "run": "m_f0.40_s0", "target": 0.4},
@@ -74,7 +78,7 @@ def test_report_names_how_its_script_runs_and_the_gpu(tmp_path, monkeypatch):
     d = tmp_path / "runs" / "pointnet2_ssg_f0.40_s0"
     d.mkdir(parents=True)
     rows = [_row("sigmab", 0.39, 0.87), _row("fpgm", 0.39, 0.85)]
-    (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.4}, "rows": rows}))
+    (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": rows}))
     m = report_long.machine()
     monkeypatch.setattr(report_long, "machine", lambda: {**m, "gpu": "NVIDIA H200"})
     report_long.main(str(tmp_path / "runs"), str(tmp_path / "out"), "modelnet40_gpu", "benchmarks/gpu_modelnet40.py",
@@ -98,7 +102,7 @@ def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any
                        ("m_f0.30_s0_recon1", [_row("fpgm", 0.29, 0.785, reconstruction={**recon, "ridge": 1.0})])):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": 0.3}, "rows": rows}))
+        (d / "results.json").write_text(json.dumps({"config": _config(0.3), "rows": rows}))
     out = tmp_path / "out"
     report_long.main(str(tmp_path / "runs"), str(out))
     text = (out / "long_comparison.md").read_text()
@@ -118,7 +122,7 @@ def test_reduction_at_matched_top1_is_read_between_measured_active_fractions(tmp
     for frac, rows in runs.items():
         d = tmp_path / "runs" / f"m_f{frac:.2f}_s0"
         d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps({"config": {"target_fraction": frac}, "rows": rows}))
+        (d / "results.json").write_text(json.dumps({"config": _config(frac), "rows": rows}))
     out = tmp_path / "out"
     report_long.main(str(tmp_path / "runs"), str(out))
     # SigmaB: 80% at 0.29, 82% at 0.39 -> 83% at 0.44 (extrapolated); FPGM reached 83% at 0.53, not at the 0.55 budget
@@ -157,6 +161,9 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**fpgm, "finetune": {"bn_mode": "frozen"}}) == "fpgm+bn_mode=frozen"  # its training changed
     assert variant({**fpgm, "finetune": {"bn_mode": "shared"}}) == "fpgm"  # nothing shared to freeze
     assert variant({**fpgm, "finetune": {"route_inputs": "clean"}}) == "fpgm"  # no router
+    assert variant({**plain, "channel_score": "activation"}) == "sigmab+channel_score=activation"
+    legacy = {k: v for k, v in plain.items() if k != "channel_score"}  # a row from before the option
+    assert variant(legacy) == "sigmab+channel_score=activation"
 
 
 
