@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import json
 import re
 from pathlib import Path
@@ -130,6 +131,10 @@ def test_channel_score_flag_reaches_the_saved_tree(tmp_path):
     tree = sb.load_branched(create_model("resnet20", 10, shortcut="B"), tmp_path / "sigmab" / "tree")
     assert sb.tree_state(tree).spec["config"]["channel_score"] == "activation"
     assert cli.parse(TINY)[0].channel_score == "activation_weight" == sb.BranchConfig().channel_score
+    from sigmab_plugin.baselines.harness import HarnessConfig
+    from sigmab_plugin.torch_pruning import ActivationImportance
+    assert HarnessConfig().channel_score == sb.BranchConfig().channel_score == \
+        inspect.signature(ActivationImportance).parameters["score"].default  # one default everywhere
 
 
 def test_reconstruct_flag_reaches_the_saved_tree(tmp_path, monkeypatch):

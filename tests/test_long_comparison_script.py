@@ -45,3 +45,21 @@ def test_ridge_without_refit_is_refused(env):
     out = subprocess.run(["bash", "benchmarks/long_comparison.sh", "r20"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PY": "echo", **env})
     assert out.returncode == 2 and "needs RECON=1" in out.stderr and not out.stdout
+
+
+def test_tag_gives_every_run_its_own_folder_and_no_dense_model():
+    cmds = commands(TAG="aw")
+    assert [value(c, "--out")[0] for c in cmds] == [f"runs/long/resnet20_{r}_aw" for r in
+                                                      ("f0.40_s0", "f0.40_s1", "f0.30_s0", "f0.55_s0", "f0.45_s0")]
+    assert "dense" not in value(cmds[0], "--methods")  # the untagged run's dense row stands
+    (both,) = commands(TAG="aw", ONLY="f0.30_s0", RECON="1")
+    assert value(both, "--out") == ["runs/long/resnet20_f0.30_s0_recon_aw"]
+
+
+def test_modelnet40_stem_names_the_report_and_its_prior(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    out = subprocess.run(["bash", "benchmarks/modelnet40.sh", "report"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", "STEM": "x", "RESULTS": str(tmp_path), "OUT": "runs/o"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-m", "benchmarks.report_long", "runs/o/runs", str(tmp_path), "x",
+                                  "benchmarks/modelnet40.sh", "1.72", "--prior", str(tmp_path / "x.json")]
