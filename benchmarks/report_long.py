@@ -65,16 +65,24 @@ def command(script: str) -> str:
     return f"python -m {script[:-3].replace('/', '.')}" if script.endswith(".py") else f"bash {script}"
 
 
+def ran_on_text(m: dict) -> Optional[str]:
+    """The machine a run's results.json names (its GPU, else its CPU), or None for runs that name none: a
+    report written on one machine over runs made on another (a lent GPU) says where each row was measured."""
+    return m.get("gpu") or m.get("cpu")
+
+
 def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
     rows = []
     for f in sorted(runs.glob("*/results.json")):
         data = json.loads(f.read_text())
         frac = data["config"]["target_fraction"]
         commit = data.get("machine", {}).get("commit")
+        ran_on = ran_on_text(data.get("machine", {}))
         score = data["config"].get("channel_score", "activation")  # runs before the option ranked by activation
         for r in data["rows"]:
             r = {**r, "channel_score": score} if r["method"] == "sigmab" else r
-            rows.append({**r, "run": f.parent.name, "target": frac, "commit": commit, "variant": variant(r)})
+            rows.append({**r, "run": f.parent.name, "target": frac, "commit": commit, "variant": variant(r),
+                         **({"ran_on": ran_on} if ran_on else {})})
     if prior is not None:
         have = {(r["run"], r["method"]) for r in rows}
         data = json.loads(prior.read_text())
@@ -90,8 +98,9 @@ def provenance(rows: List[dict]) -> List[str]:
     and those taken from an earlier report."""
     by = defaultdict(set)
     for r in rows:
+        on = f" on {r['ran_on']}" if r.get("ran_on") else ""
         src = (f"from the earlier report `{r['from_report']}" if r.get("from_report")
-               else f"run here at commit {r.get('commit') or 'unrecorded'}")
+               else f"run at commit {r.get('commit') or 'unrecorded'}{on}")
         by[src].add(r["run"])
     return [f"- {', '.join(sorted(runs))}: {src}." for src, runs in sorted(by.items())]
 

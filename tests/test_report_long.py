@@ -50,7 +50,8 @@ def test_report_for_a_new_comparison(tmp_path):
 def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_path):
     d = tmp_path / "runs" / "m_f0.30_s0"
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({"config": _config(0.3), "machine": {"commit": "abc1234"},
+    (d / "results.json").write_text(json.dumps({"config": _config(0.3), "machine": {"commit": "abc1234", "cpu": "Xeon",
+                                                                                  "gpu": "NVIDIA H200"},
                                                 "rows": [_row("sigmab", 0.29, 0.80), _row("fpgm", 0.29, 0.78)]}))
     prior_rows = [{**_row("sigmab", 0.39, 0.86), "run": "m_f0.40_s0", "target": 0.4},
                   {**_row("fpgm", 0.39, 0.85), "run": "m_f0.40_s0", "target": 0.4},
@@ -60,7 +61,8 @@ def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_p
     out = tmp_path / "out"
     report_long.cli([str(tmp_path / "runs"), str(out), "--prior", str(prior)])
     text = (out / "long_comparison.md").read_text()
-    assert "- m_f0.30_s0: run here at commit abc1234." in text
+    # where each row was measured, not only where the report was written (GPU runs reported on a CPU)
+    assert "- m_f0.30_s0: run at commit abc1234 on NVIDIA H200." in text
     assert f"- m_f0.40_s0: from the earlier report `{prior}` (written ? at commit ?)." in text
     rows = json.loads((out / "long_comparison.json").read_text())["rows"]
     assert sorted((r["run"], r["method"], r["top1"]) for r in rows) == [
