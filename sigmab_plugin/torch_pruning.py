@@ -129,7 +129,10 @@ class SigmaBPruner:
                 raise ValueError(f"ignored_layers holds a {type(module).__name__} that is not a module of the model")
             ignored.append(names[module])
         if importance is not None:  # its score is the one every node ranks its channels by
-            stated = options.get("channel_score", config.channel_score if config is not None else None)
+            # a config's channel_score counts as stated only when it is not the default (a default is no choice)
+            from_config = None if config is None or config.channel_score == BranchConfig.channel_score \
+                else config.channel_score
+            stated = options.get("channel_score", from_config)
             if stated not in (None, importance.score):
                 raise ValueError(f"channel_score={stated!r} contradicts importance's score={importance.score!r}: "
                                  "give one of them")

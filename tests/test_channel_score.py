@@ -13,6 +13,7 @@ from torch import nn
 import sigmab_plugin as sb
 from sigmab_plugin._split import column_norms
 from sigmab_plugin.branch import plan_tree
+from sigmab_plugin.config import BranchConfig
 from conftest import images
 
 
@@ -141,5 +142,16 @@ def test_activation_importance_score_reaches_static_pruners_and_sigmab_pruner():
     with pytest.raises(ValueError, match="contradicts importance's score='activation_weight'"):
         SigmaBPruner(copy.deepcopy(model), calib[:2], ActivationImportance(model, calib, score="activation_weight"),
                      calib_data=calib, split_points=["stem", "a"], channel_score="activation", progress=False)
+    # a config that leaves channel_score at its default does not contradict an importance with another score
+    other = "activation" if BranchConfig.channel_score != "activation" else "activation_weight"
+    pruned = SigmaBPruner(copy.deepcopy(model), calib[:2], ActivationImportance(model, calib, score=other),
+                          calib_data=calib, config=BranchConfig(split_points=["stem", "a"], progress=False))
+    assert pruned.config.channel_score == other
+    # a config that states a non-default score does
+    with pytest.raises(ValueError, match=f"channel_score={other!r} contradicts"):
+        SigmaBPruner(copy.deepcopy(model), calib[:2], ActivationImportance(model, calib,
+                                                                           score=BranchConfig.channel_score),
+                     calib_data=calib, config=BranchConfig(split_points=["stem", "a"], progress=False,
+                                                           channel_score=other))
     with pytest.raises(ValueError, match="score='wanda' is not one of"):
         ActivationImportance(model, calib, score="wanda")
