@@ -21,7 +21,8 @@ measures first and sizes the schedules from the measurement:
 
 A later session can spend its whole lease on the comparison: ``--pretrained`` starts from the dense
 weights an earlier run saved (no pretraining), ``--epochs`` fixes the fine-tuning epochs (no probes),
-``--methods`` picks runs and ``--extra`` passes more options (``--reconstruct``...) to every run.
+``--methods`` picks runs, ``--seed`` sets the runs' seed (and their folders' ``_s<seed>_``) and ``--extra``
+passes more options (``--reconstruct``...) to every run.
 
 On a machine where the project is not installed (a lent GPU machine starts bare), link its two
 mapped packages first: ``ln -sfn ../adapters sigmab_plugin/adapters; ln -sfn ../baselines
@@ -209,6 +210,7 @@ def main(argv=None) -> dict:
                     "no pretraining")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs of every run (default: what fits)")
     ap.add_argument("--methods", nargs="+", choices=sorted({m for _, m in RUNS}), help="only these runs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every comparison run (named in its folder: _s<seed>_)")
     ap.add_argument("--extra", default="", help="more compare_baselines options for every run, e.g. '--reconstruct'")
     ap.add_argument("--tiny", action="store_true", help="256 training and 64 test clouds: the code path only")
     ap.add_argument("--repack", nargs=2, metavar=("SRC", "DST"), help="rewrite an npz with LZMA members, then exit")
@@ -253,10 +255,10 @@ def main(argv=None) -> dict:
         meta["epochs"] = a.epochs or finetune_epochs(a, steps, together, deadline - time.time())
         print(f"[{time.time() - t0:4.0f}s] comparing with {meta['epochs']} epochs", flush=True)
         extra = a.extra.split()
-        jobs = [{"name": f"{a.model}_f{frac:.2f}_s0_{m}",
+        jobs = [{"name": f"{a.model}_f{frac:.2f}_s{a.seed}_{m}",
                  "cmd": _cli(a, "--checkpoint", str(ckpt), "--epochs", str(meta["epochs"]), "--lr", "0.01",
-                             "--target-fraction", f"{frac:.2f}", "--methods", m, *extra,
-                             "--out", str(out / "runs" / f"{a.model}_f{frac:.2f}_s0_{m}"))}
+                             "--target-fraction", f"{frac:.2f}", "--methods", m, "--seed", str(a.seed), *extra,
+                             "--out", str(out / "runs" / f"{a.model}_f{frac:.2f}_s{a.seed}_{m}"))}
                 for frac, m in RUNS if not a.methods or m in a.methods]
         meta["compare"] = run_pool(jobs, len(jobs), deadline, out / "logs")
         report(out)

@@ -52,17 +52,19 @@ def test_a_later_session_starts_from_saved_weights_with_fixed_epochs_and_extra_o
     monkeypatch.setattr(g, "report", lambda out: None)  # of runs that did not run
     meta = g.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--pretrained", str(weights),
                    "--epochs", "3", "--methods", "sigmab", "fpgm", "--extra", "--reconstruct --reconstruct-ridge 0.5",
-                   "--batch-size", "48", "--width", "0.5", "--calib-size", "96", "--device", "cpu"])
+                   "--batch-size", "48", "--width", "0.5", "--calib-size", "96", "--device", "cpu", "--seed", "1"])
     assert len(pools) == 1  # no probe, no pretraining: only the comparison
     jobs = pools[0]
-    assert sorted(j["name"] for j in jobs) == sorted(f"pointnet2_ssg_f{f}_s0_{m}" for f in ("0.40", "0.30")
+    # the seed reaches every run and names its folder (a second seed's runs stand beside the first's)
+    assert sorted(j["name"] for j in jobs) == sorted(f"pointnet2_ssg_f{f}_s1_{m}" for f in ("0.40", "0.30")
                                                      for m in ("sigmab", "fpgm"))
     for j in jobs:
         cmd = j["cmd"]
         assert cmd[cmd.index("--checkpoint") + 1] == str(weights) and cmd[cmd.index("--epochs") + 1] == "3"
         assert cmd[cmd.index("--reconstruct-ridge") + 1] == "0.5" and "--reconstruct" in cmd
-        assert [cmd[cmd.index(k) + 1] for k in ("--batch-size", "--width", "--calib-size", "--device")] == \
-            ["48", "0.5", "96", "cpu"]
+        assert [cmd[cmd.index(k) + 1] for k in ("--batch-size", "--width", "--calib-size", "--device", "--seed")] == \
+            ["48", "0.5", "96", "cpu", "1"]
+        assert cmd[cmd.index("--out") + 1].endswith(f"/runs/{j['name']}")
     assert meta["epochs"] == 3 and (tmp_path / "out" / "results.tar.gz").is_file()
 
 
