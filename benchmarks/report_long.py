@@ -7,7 +7,8 @@ The ModelNet40 comparison (benchmarks/modelnet40.sh) uses it with its own stem, 
     python -m benchmarks.report_long RUNS OUT STEM SCRIPT DENSE_GAP_GOAL_PP [--prior REPORT.json]
 
 ``--prior`` adds the rows of an earlier report for (run, method) pairs that RUNS does not hold (run
-directories do not survive every machine); the report says which rows came from where.
+directories do not survive every machine); the report says which rows came from where. Sections written
+by hand under the plot of an earlier report (commands, diagnoses) are kept when it is regenerated.
 """
 from __future__ import annotations
 
@@ -103,6 +104,18 @@ def provenance(rows: List[dict]) -> List[str]:
                else f"run at commit {r.get('commit') or 'unrecorded'}{on}")
         by[src].add(r["run"])
     return [f"- {', '.join(sorted(runs))}: {src}." for src, runs in sorted(by.items())]
+
+
+PLOT_LINE = "![top-1 vs active fraction]({stem}.png)"  # the last generated line: what follows it is hand-written
+
+
+def hand_written(md: Path, stem: str) -> str:
+    """The sections a person appended to an earlier ``md`` (everything after the plot line), so that
+    regenerating the tables keeps the commands, diagnoses and dated notes written under them."""
+    if not md.is_file():
+        return ""
+    head, sep, tail = md.read_text().partition(PLOT_LINE.format(stem=stem))
+    return "\n" + tail.lstrip("\n") if sep and tail.strip() else ""
 
 
 def _mean(rows: List[dict], name: str, target: float, key: str = "top1") -> Optional[float]:
@@ -276,9 +289,13 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
                              f"(`calibrate_routing`): top-1 {100 * cal['top1_before']:.2f}% -> {100 * r['top1']:.2f}%, "
                              f"test leaf shares {pct(cal['leaf_histogram_before'])} -> {pct(r['leaf_histogram'])}%.")
         lines.append("")
-    lines += [f"![top-1 vs active fraction]({stem}.png)", ""]
+    lines += [PLOT_LINE.format(stem=stem), ""]
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    md = out / f"{stem}.md"
+    kept = hand_written(md, stem)
+    md.write_text("\n".join(lines) + kept)
+    if kept:
+        print(f"kept the hand-written sections of {md} ({kept.count(chr(10)) + 1} lines)")
     (out / f"{stem}.json").write_text(json.dumps({"machine": m, "summary": summary, "rows": rows}, indent=1))
     plot(rows, out / f"{stem}.png")
     print(f"wrote {out / f'{stem}.md'}")

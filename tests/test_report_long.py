@@ -219,3 +219,25 @@ def test_a_tree_ranked_by_another_channel_score_is_its_own_variant(tmp_path, mon
     assert margins[old]["0.4"]["sigmab"] == 0.80 and margins[new]["0.4"]["sigmab"] == 0.83
     text = (tmp_path / "out" / "long_comparison.md").read_text()
     assert text.count("| fpgm | 0.4 |") == 2 and "fpgm+channel_score" not in text  # static rows carry no tree score
+
+
+def test_regenerating_keeps_the_sections_written_by_hand_under_the_plot(tmp_path):
+    d = tmp_path / "runs" / "pointnet2_ssg_f0.40_s0"
+    d.mkdir(parents=True)
+    rows = [_row("dense", 1.0, 0.88), _row("sigmab", 0.39, 0.87), _row("fpgm", 0.39, 0.85)]
+    (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": rows}))
+    out = tmp_path / "out"
+    report_long.main(str(tmp_path / "runs"), str(out))
+    md = out / "long_comparison.md"
+    assert md.read_text().rstrip().endswith("![top-1 vs active fraction](long_comparison.png)")
+    note = "## How this was run (written by hand)\n\n`bash benchmarks/long_comparison.sh r20`\n"
+    md.write_text(md.read_text() + note)
+    rows[1]["top1"] = 0.86  # a new result: the tables change, the hand-written section stays
+    (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": rows}))
+    report_long.main(str(tmp_path / "runs"), str(out))
+    text = md.read_text()
+    assert "| sigmab | 0.4 | 0 | 0.390 | 86.00 |" in text and "| sigmab | 0.4 | 0 | 0.390 | 87.00 |" not in text
+    assert text.endswith(note) and text.count(note) == 1
+    assert text.index("![top-1 vs active fraction]") < text.index("## How this was run")
+    report_long.main(str(tmp_path / "runs"), str(out))  # and again: kept once, not doubled
+    assert md.read_text() == text
