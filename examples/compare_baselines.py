@@ -28,7 +28,7 @@ from sigmab_plugin.config import CHANNEL_SCORES
 from sigmab_plugin.finetune import BN_MODES, ROUTE_INPUTS, FinetuneConfig
 
 
-def parse(argv=None) -> tuple:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="SigmaB vs static pruning, same data/budget/fine-tuning.")
     ap.add_argument("--model", default="resnet20", help="resnet20/32/44/56 (CIFAR) or a timm model name")
     ap.add_argument("--data", default="digits", choices=DATASETS)
@@ -96,6 +96,11 @@ def parse(argv=None) -> tuple:
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def parse(argv=None) -> tuple:
+    ap = parser()
     a = ap.parse_args(argv)
     bad = [m for m in a.methods if m not in available_methods()]
     if bad:

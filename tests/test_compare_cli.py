@@ -258,3 +258,58 @@ def test_pointnet_runs_every_method_through_the_harness(tmp_path, variant):
         assert r["model"] == f"pointnet2_{variant}" and r["test_images"] == 16 and 0.0 <= r["mean_class_top1"] <= 1.0
         if r["method"] != "sigmab":
             assert r["budget"] == budget and r["within_budget"] and 0.85 * budget <= r["active_params"] <= budget
+
+
+# every option of compare_baselines.py, a value other than its default, and the config field it must change
+# ("sweep": the returned budgets); prerequisites (the ridge needs --reconstruct) go in both parses
+EVERY_FLAG = {
+    "model": (["--model", "resnet32"], "model"), "data": (["--data", "cifar10-jpeg"], "data"),
+    "data_root": (["--data-root", "elsewhere"], "data_root"), "checkpoint": (["--checkpoint", "w.th"], "checkpoint"),
+    "width": (["--width", "0.5"], "model_kwargs"), "shortcut": (["--shortcut", "A"], "shortcut"),
+    "methods": (["--methods", "fpgm"], "methods"), "depth": (["--depth", "3"], "depth"),
+    "keep_ratio": (["--keep-ratio", "0.7"], "keep_ratio"), "no_residual": (["--no-residual"], "prune_residual"),
+    "coverage": (["--coverage"], "coverage"), "channel_score": (["--channel-score", "activation"], "channel_score"),
+    "target_fraction": (["--target-fraction", "0.4"], "target_fraction"), "sweep": (["--sweep", "0.5", "1"], "sweep"),
+    "epochs": (["--epochs", "2"], "finetune.epochs"), "pretrain_epochs": (["--pretrain-epochs", "3"], "pretrain_epochs"),
+    "lr": (["--lr", "0.05"], "finetune.lr"), "batch_size": (["--batch-size", "32"], "finetune.batch_size"),
+    "distill": (["--distill", "0.5"], "finetune.distill_weight"),
+    "distill_paths": (["--distill-paths", "weighted"], "finetune.distill_paths"),
+    "objective": (["--objective", "mixture"], "finetune.objective"),
+    "balance_weight": (["--balance-weight", "0.5"], "finetune.balance_weight"),
+    "balance_rate": (["--balance-rate", "0.1"], "finetune.balance_rate"),
+    "decisive_weight": (["--decisive-weight", "0.5"], "finetune.decisive_weight"),
+    "top_k": (["--top-k", "2"], "finetune.top_k"), "bn_weighting": (["--bn-weighting"], "finetune.bn_weighting"),
+    "bn_mode": (["--bn-mode", "shared"], "finetune.bn_mode"),
+    "bn_recalibration_batches": (["--bn-recalibration-batches", "5"], "finetune.bn_recalibration_batches"),
+    "route_inputs": (["--route-inputs", "clean"], "finetune.route_inputs"),
+    "hard_epochs": (["--hard-epochs", "1"], "finetune.hard_epochs"),
+    "calibrate_routing": (["--calibrate-routing"], "calibrate_routing"),
+    "reconstruct": (["--reconstruct"], "reconstruct"),
+    "reconstruct_ridge": (["--reconstruct", "--reconstruct-ridge", "1.0"], "reconstruct_ridge"),
+    "resume": (["--resume"], "resume"), "train_limit": (["--train-limit", "100"], "train_limit"),
+    "test_limit": (["--test-limit", "50"], "test_limit"), "calib_size": (["--calib-size", "64"], "calib_size"),
+    "seed": (["--seed", "3"], "seed"), "device": (["--device", "meta"], "device"),
+    "out": (["--out", "elsewhere"], "out_dir"), "quiet": (["--quiet"], "finetune.progress"),
+}
+
+
+def _field(parsed, name):
+    cfg, sweep = parsed
+    if name == "sweep":
+        return sweep
+    value = cfg
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def test_every_option_reaches_the_config():
+    """A flag that parses but changes nothing is the bug this guards against (``--distill`` once never reached
+    training): each option, given a value other than its default, changes the field it names; an option added
+    to the parser without an entry here fails the test."""
+    dests = {a.dest for a in cli.parser()._actions if a.dest != "help"}
+    assert dests == set(EVERY_FLAG), f"options without a check: {dests - set(EVERY_FLAG)}; stale: {set(EVERY_FLAG) - dests}"
+    for dest, (args, name) in EVERY_FLAG.items():
+        before = ["--reconstruct"] if dest == "reconstruct_ridge" else []
+        old, new = _field(cli.parse(before), name), _field(cli.parse(args), name)
+        assert old != new, f"{args} left {name} at {old!r}"
