@@ -26,6 +26,7 @@ import copy
 import json
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -333,7 +334,7 @@ def main(argv=None) -> None:
                "keep_ratio": keep, "variants_of_run": a.variants,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),
-               "seconds": time.perf_counter() - t0, "history": hist, **ev}
+               "seconds": time.perf_counter() - t0, "history": hist, "commit": machine()["commit"], **ev}
         done["rows"][name] = row
         path.write_text(json.dumps(done, indent=1))
         extra = (f" best leaf {100 * ev['best_leaf_top1']:.2f} oracle {100 * ev['oracle_top1']:.2f} "
@@ -377,6 +378,12 @@ def report(done: dict, dest: str) -> None:
     if later:  # rows appended by a later run with other --variants (the command above names the first run's)
         lines += ["", "Rows added by later runs into the same folder (their `--variants`): " + "; ".join(
             f"{n} (`{' '.join(v)}`)" for n, v in later.items()) + "."]
+    commits = defaultdict(list)  # a row from before rows recorded their commit ran at the first run's
+    for n, r in done["rows"].items():
+        commits[r.get("commit", m["commit"])].append(n)
+    if len(commits) > 1:
+        lines += ["", "Rows by the commit they ran at: " + "; ".join(f"{c}: {', '.join(ns)}" for c, ns in commits.items())
+                  + "."]
     lines += per_epoch(done["rows"], dest)
     Path(dest).write_text("\n".join(lines) + "\n")
     print(f"wrote {dest}")

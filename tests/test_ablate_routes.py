@@ -89,6 +89,10 @@ def test_ablation_report_shows_the_last_epochs_leaf_entropy_and_route_loss(tmp_p
     ar.report(done, str(tmp_path / "r.md"))
     text = (tmp_path / "r.md").read_text()
     assert "| 200 | 1.15 / 1.58 |" in text and "| 200 | 0.48 |" in text
+    assert "Rows by the commit" not in text  # one commit: the header's
+    done["rows"]["later"] = {**plain, "commit": "c2"}  # a row a later run added at another commit
+    ar.report(done, str(tmp_path / "r.md"))
+    assert "Rows by the commit they ran at: c: lr, plain; c2: later." in (tmp_path / "r.md").read_text()
     # two routing targets at once would silently train only one: refused
     monkeypatch.setitem(ar.VARIANTS, "both", ("sigmab", {}, dict(route_weight=1.0, loss_route_weight=1.0), True))
     monkeypatch.setattr(ar, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded data")))
