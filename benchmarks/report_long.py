@@ -114,7 +114,7 @@ def hand_written(md: Path, stem: str) -> str:
     regenerating the tables keeps the commands, diagnoses and dated notes written under them."""
     if not md.is_file():
         return ""
-    head, sep, tail = md.read_text().partition(PLOT_LINE.format(stem=stem))
+    _, sep, tail = md.read_text().partition(PLOT_LINE.format(stem=stem))
     return "\n" + tail.lstrip("\n") if sep and tail.strip() else ""
 
 
