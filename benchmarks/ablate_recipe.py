@@ -271,7 +271,8 @@ def main(argv=None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    done = json.loads(path.read_text()) if path.is_file() else {"args": vars(a), "machine": machine(), "rows": {}}
+    started = machine()  # the code this process runs: a long run's rows can end after later commits
+    done = json.loads(path.read_text()) if path.is_file() else {"args": vars(a), "machine": started, "rows": {}}
     if a.report:
         return report(done, a.report)
     torch.manual_seed(a.seed)
@@ -334,7 +335,7 @@ def main(argv=None) -> None:
                "keep_ratio": keep, "variants_of_run": a.variants,
                "active_fraction": params / dense_params,
                "train_images_per_second": sum(len(train[1]) for _ in hist) / sum(h["seconds"] for h in hist),
-               "seconds": time.perf_counter() - t0, "history": hist, "commit": machine()["commit"], **ev}
+               "seconds": time.perf_counter() - t0, "history": hist, "commit": started["commit"], **ev}
         done["rows"][name] = row
         path.write_text(json.dumps(done, indent=1))
         extra = (f" best leaf {100 * ev['best_leaf_top1']:.2f} oracle {100 * ev['oracle_top1']:.2f} "

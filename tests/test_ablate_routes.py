@@ -142,8 +142,12 @@ def test_val_tail_width_and_augmentation_reach_the_run(tmp_path, monkeypatch):
         seen["width"] = kw.pop("width", None)
         return real_create(*args, **kw)
 
+    real_machine, commit = ar.machine, {"now": "c-start"}
+    monkeypatch.setattr(ar, "machine", lambda: {**real_machine(), "commit": commit["now"]})
+
     def fake_finetune(model, images, labels, norm, cfg, **kw):
         seen["train"], seen["augment"] = images, kw["augment"]
+        commit["now"] = "c-later"  # a commit lands while the run trains: its rows ran the code it started with
         return [{"seconds": 1.0}]
 
     def fake_evaluate(model, images, labels, norm, **kw):
@@ -158,6 +162,7 @@ def test_val_tail_width_and_augmentation_reach_the_run(tmp_path, monkeypatch):
     assert torch.equal(seen["val"], data.train.images[perm[-64:]])
     assert torch.equal(seen["train"], data.train.images[perm[:100]])
     assert seen["width"] == 0.5 and seen["augment"] is marker
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["rows"]["fpgm_kd"]["commit"] == "c-start"
     ar.main(common + ["--variants", "fpgm", "--out", str(tmp_path / "b")])  # default: the images after the training ones
     assert torch.equal(seen["val"], data.train.images[perm[100:164]]) and seen["width"] is None
     with pytest.raises(ValueError, match="--train-limit 1790 \\+ --val-size 64 exceeds"):
