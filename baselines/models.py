@@ -17,6 +17,9 @@ def create_model(name: str, num_classes: int, checkpoint: Optional[str] = None, 
     """``resnet20/32/44/56`` are CIFAR ResNets (``shortcut`` A or B); other names are timm models
     (including ``pointnet2_ssg``/``pointnet2_msg``), built with ``kwargs`` (e.g. ``width``)."""
     if name in CIFAR_MODELS:
+        if kwargs:
+            raise ValueError(f"{name} takes no model options, got {kwargs}: options such as --width apply to "
+                             "timm models (e.g. pointnet2_ssg); drop them for a CIFAR ResNet")
         model = cifar_resnet(CIFAR_MODELS[name], num_classes, shortcut)
         if checkpoint:
             load_checkpoint(model, checkpoint)

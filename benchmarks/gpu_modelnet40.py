@@ -255,11 +255,13 @@ def main(argv=None) -> dict:
         meta["epochs"] = a.epochs or finetune_epochs(a, steps, together, deadline - time.time())
         print(f"[{time.time() - t0:4.0f}s] comparing with {meta['epochs']} epochs", flush=True)
         extra = a.extra.split()
-        jobs = [{"name": f"{a.model}_f{frac:.2f}_s{a.seed}_{m}",
+        names = {(frac, m): f"{a.model}_f{frac:.2f}_s{a.seed}_{m}" for frac, m in RUNS
+                 if not a.methods or m in a.methods}
+        jobs = [{"name": name,
                  "cmd": _cli(a, "--checkpoint", str(ckpt), "--epochs", str(meta["epochs"]), "--lr", "0.01",
                              "--target-fraction", f"{frac:.2f}", "--methods", m, "--seed", str(a.seed), *extra,
-                             "--out", str(out / "runs" / f"{a.model}_f{frac:.2f}_s{a.seed}_{m}"))}
-                for frac, m in RUNS if not a.methods or m in a.methods]
+                             "--out", str(out / "runs" / name))}
+                for (frac, m), name in names.items()]
         meta["compare"] = run_pool(jobs, len(jobs), deadline, out / "logs")
         report(out)
     meta["seconds"] = time.time() - t0
