@@ -105,7 +105,6 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     started = machine()  # the commit whose code runs: a long run can end after later commits
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data, cfg.data_root, seed=cfg.seed)
     train, test = data.train, data.test
     if cfg.train_limit:
@@ -118,6 +117,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         test = type(test)(test.images[idx], test.labels[idx])
     ft = cfg.finetune
     dense = create_model(cfg.model, data.num_classes, cfg.checkpoint, cfg.shortcut, **cfg.model_kwargs).to(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs were accepted: a refused run leaves no folder
     augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: pad-4 crop
     if cfg.pretrain_epochs:
         log(f"training the dense reference from scratch: {cfg.pretrain_epochs} epochs")

@@ -155,7 +155,8 @@ def test_field_reaches_the_run(name, tmp_path, base, checkpoint):
 def test_model_options_a_cifar_resnet_cannot_take_are_refused(name, tmp_path):
     value, word = REFUSED[name]
     with pytest.raises(ValueError, match=word):
-        harness.run_comparison(HarnessConfig(**{**BASE, "out_dir": str(tmp_path), name: value}), log=lambda *a: None)
-    assert not any(tmp_path.iterdir())  # refused before anything was written
+        harness.run_comparison(HarnessConfig(**{**BASE, "out_dir": str(tmp_path / "run"), name: value}),
+                               log=lambda *a: None)
+    assert not any(tmp_path.iterdir())  # refused before anything was written, its folder included
     with pytest.raises(ValueError, match="resnet20 takes no model options"):
         create_model("resnet20", 10, width=0.5)
