@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 import sigmab_plugin as sb
-from sigmab_plugin.finetune import FinetuneConfig, evaluate, finetune
+from sigmab_plugin.finetune import CHECKPOINT, FinetuneConfig, evaluate, finetune
 
 from ..adapters.pointnet2 import PointNet2
 from .data import load_dataset
@@ -105,6 +105,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     started = machine()  # the commit whose code runs: a long run can end after later commits
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
+    for name in cfg.methods:  # a resumed folder refit otherwise is refused before anything runs
+        start_record(out / name, cfg, name)
     data = load_dataset(cfg.data, cfg.data_root, seed=cfg.seed)
     train, test = data.train, data.test
     if cfg.train_limit:
@@ -151,8 +153,9 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         if name not in prepared:
             prepared[name] = (method.prepare(run), time.perf_counter() - t0)
         model, prepare_s = prepared.pop(name)
-        reconstruction = None
-        if cfg.reconstruct and name != "dense":  # every pruned model, on the calibration inputs that built the tree
+        done = start_record(out / name, cfg, name)
+        reconstruction = done["reconstruction"] if done else None
+        if cfg.reconstruct and name != "dense" and not done:  # every pruned model, on the inputs that built the tree
             t0 = time.perf_counter()
             ridge = cfg.ridge(name)
             rep = sb.reconstruct(model, dense, calib, ridge=ridge)
@@ -161,7 +164,10 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                               "mean_relative_error_before": sum(errs[0].values()) / max(1, len(errs[0])),
                               "mean_relative_error_after": sum(errs[1].values()) / max(1, len(errs[1]))}
             prepare_s += time.perf_counter() - t0
-        before = evaluate(model, test.images, test.labels, data.normalize)
+        before = {"top1": done["top1_before_finetune"]} if done else \
+            evaluate(model, test.images, test.labels, data.normalize)
+        if not done:
+            write_start_record(out / name, before["top1"], reconstruction)
         torch.manual_seed(cfg.seed)
         history = finetune(model, train.images, train.labels, data.normalize, ft,
                            test=(test.images, test.labels), teacher=teacher, out_dir=out / name,
@@ -220,6 +226,36 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         r["dense_reference_top1"] = reference
     write_outputs(rows, cfg, out, started)
     return rows
+
+
+START = "start.json"  # per method: its top-1 before fine-tuning and its refit, for a resumed run
+
+
+def start_record(folder: Path, cfg: HarnessConfig, method: str) -> Optional[dict]:
+    """What a resumed run of ``method`` (in ``folder``) need not recompute: its top-1 before fine-tuning and
+    its refit's report, when a checkpoint will replace the weights anyway (the refit, minutes on a deep model,
+    and the evaluation are skipped). None when the run starts afresh or has no checkpoint yet; ``ValueError``
+    when the checkpoint was refit otherwise than this run asks (resuming would train the other refit's weights
+    under this run's name)."""
+    f = folder / START
+    if not (cfg.resume and f.is_file() and (folder / CHECKPOINT).is_file()):
+        return None
+    rec = json.loads(f.read_text())
+    want = cfg.ridge(method) if cfg.reconstruct and method != "dense" else None
+    had = rec["reconstruction"]["ridge"] if rec["reconstruction"] else None
+    if want != had:
+        def say(r):
+            return "without a refit" if r is None else f"refit at ridge {r}"
+        raise ValueError(f"{folder} holds a checkpoint {say(had)}; this run asks {say(want)}: resume with the "
+                         "same --reconstruct/--reconstruct-ridge, or give another --out")
+    return rec
+
+
+def write_start_record(folder: Path, top1: float, reconstruction: Optional[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (START + ".tmp")
+    tmp.write_text(json.dumps({"top1_before_finetune": top1, "reconstruction": reconstruction}))
+    tmp.replace(folder / START)
 
 
 def earlier_rows(out: Path, ran: set) -> List[dict]:

@@ -109,6 +109,27 @@ def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path):
     assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == ["fpgm"]
 
 
+def test_a_resumed_refit_run_reuses_its_start_and_refuses_another_refit(tmp_path, monkeypatch):
+    from sigmab_plugin.baselines.harness import run_comparison
+
+    base = TINY + ["--methods", "fpgm", "--epochs", "1", "--resume", "--out", str(tmp_path)]
+    refit = ["--reconstruct", "--reconstruct-ridge", "0.5"]
+    first = cli.main(base + refit)[0]
+    keys = ("reconstruction", "top1_before_finetune", "top1")
+
+    def no_refit(*a, **k):
+        raise AssertionError("a resumed run refit the weights its checkpoint replaces")
+    monkeypatch.setattr(sb, "reconstruct", no_refit)
+    again = cli.main(base + refit)[0]  # the checkpoint holds the finished run: no refit, no evaluation before
+    assert {k: again[k] for k in keys} == {k: first[k] for k in keys}
+    for other in (["--reconstruct", "--reconstruct-ridge", "1.0"], []):  # its weights were refit at ridge 0.5
+        with pytest.raises(ValueError, match="refit at ridge 0.5"):
+            run_comparison(cli.parse(base + other)[0])
+    ckpt = (tmp_path / "fpgm" / "checkpoint.pt").read_bytes()
+    cli.main([a for a in base if a != "--resume"])  # without --resume: a fresh start, without a refit
+    assert (tmp_path / "fpgm" / "checkpoint.pt").read_bytes() != ckpt
+
+
 @pytest.mark.parametrize("flag", ["--calibrate-routing", "--no-calibrate-routing"])
 def test_calibrate_routing_flag_reaches_the_saved_tree(tmp_path, flag):
     rows = cli.main(TINY + ["--methods", "sigmab", flag, "--out", str(tmp_path)])
