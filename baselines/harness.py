@@ -200,7 +200,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                **{k: after[k] for k in ("leaf_top1_all", "leaf_top1_routed", "best_leaf_top1", "oracle_top1",
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
-               "data": cfg.data, "model": cfg.model, "seed": cfg.seed,
+               "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "commit": started.get("commit"),
                "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None}
         if name == "sigmab":
             sb.save_branched(model, out / "sigmab" / "tree")

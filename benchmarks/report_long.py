@@ -82,7 +82,8 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         score = data["config"].get("channel_score", "activation")  # runs before the option ranked by activation
         for r in data["rows"]:
             r = {**r, "channel_score": score} if r["method"] == "sigmab" else r
-            rows.append({**r, "run": f.parent.name, "target": frac, "commit": commit, "variant": variant(r),
+            rows.append({**r, "run": f.parent.name, "target": frac, "variant": variant(r),
+                         "commit": r.get("commit", commit),  # a row's own (a folder can hold runs of several)
                          **({"ran_on": ran_on} if ran_on else {})})
     if prior is not None:
         have = {(r["run"], r["method"]) for r in rows}

@@ -95,15 +95,20 @@ def test_a_dense_only_run_builds_no_tree_for_a_budget(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["dense"] and (tmp_path / "pretrain" / "checkpoint.pt").is_file()
 
 
-def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path):
+def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path, monkeypatch):
+    from sigmab_plugin.baselines import harness
+
     args = TINY + ["--epochs", "0", "--out", str(tmp_path)]
+    monkeypatch.setattr(harness, "machine", lambda: {**provenance.machine(), "commit": "first"})
     cli.main(args + ["--methods", "dense", "hrank", "--resume"])
+    monkeypatch.setattr(harness, "machine", lambda: {**provenance.machine(), "commit": "second"})
     first = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     cli.main(args + ["--methods", "fpgm", "hrank", "--resume"])  # a later run of some methods, one of them again
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert sorted(r["method"] for r in rows) == ["dense", "fpgm", "hrank"]
     by = {r["method"]: r for r in rows}
-    assert by["dense"] == first["dense"]
+    assert by["dense"] == first["dense"] and by["dense"]["commit"] == "first"  # each row names the code it ran
+    assert by["fpgm"]["commit"] == by["hrank"]["commit"] == "second"
     assert by["fpgm"]["delta_vs_dense_pp"] == pytest.approx(100 * (by["fpgm"]["top1"] - by["dense"]["top1"]))
     cli.main(args + ["--methods", "fpgm"])  # without --resume a run starts the folder afresh
     assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == ["fpgm"]

@@ -74,6 +74,17 @@ def test_prior_report_fills_missing_runs_and_rows_say_where_they_came_from(tmp_p
         (tmp_path / "out2" / "long_comparison.md").read_text()
 
 
+def test_a_folder_with_methods_run_at_two_commits_names_each(tmp_path):
+    d = tmp_path / "runs" / "m_f0.30_s1"
+    d.mkdir(parents=True)  # fpgm ran first, then a later resumed run of hrank rewrote the folder's machine
+    (d / "results.json").write_text(json.dumps({"config": _config(0.3), "machine": {"commit": "bbb2222"},
+                                                "rows": [_row("fpgm", 0.29, 0.78, commit="aaa1111"),
+                                                         _row("hrank", 0.29, 0.76, commit="bbb2222")]}))
+    report_long.cli([str(tmp_path / "runs"), str(tmp_path / "out")])
+    text = (tmp_path / "out" / "long_comparison.md").read_text()
+    assert "- m_f0.30_s1: run at commit aaa1111." in text and "- m_f0.30_s1: run at commit bbb2222." in text
+
+
 def test_report_names_how_its_script_runs_and_the_gpu(tmp_path, monkeypatch):
     assert report_long.command("benchmarks/modelnet40.sh") == "bash benchmarks/modelnet40.sh"
     assert report_long.command("benchmarks/gpu_modelnet40.py") == "python -m benchmarks.gpu_modelnet40"
