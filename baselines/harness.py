@@ -105,8 +105,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     started = machine()  # the commit whose code runs: a long run can end after later commits
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    for name in cfg.methods:  # a resumed folder refit otherwise is refused before anything runs
-        start_record(out / name, cfg, name)
+    starts = {name: start_record(out / name, cfg, name) for name in cfg.methods}  # refused before anything runs
     data = load_dataset(cfg.data, cfg.data_root, seed=cfg.seed)
     train, test = data.train, data.test
     if cfg.train_limit:
@@ -153,7 +152,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         if name not in prepared:
             prepared[name] = (method.prepare(run), time.perf_counter() - t0)
         model, prepare_s = prepared.pop(name)
-        done = start_record(out / name, cfg, name)
+        done = starts[name]
         reconstruction = done["reconstruction"] if done else None
         if cfg.reconstruct and name != "dense" and not done:  # every pruned model, on the inputs that built the tree
             t0 = time.perf_counter()
