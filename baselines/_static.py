@@ -3,7 +3,7 @@ prune a copy of a model with a Torch-Pruning importance (used by the FPGM and HR
 from __future__ import annotations
 
 import copy
-from typing import Callable, Tuple, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 import torch_pruning as tp
@@ -48,24 +48,37 @@ def bisect_budget(build: Callable[[float], T], count: Callable[[T], int], budget
     return best
 
 
-def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, classifier: str) -> nn.Module:
+def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, classifier: str,
+             shape: Optional[Dict[str, float]] = None) -> nn.Module:
+    """Prune ``model`` in place: ``ratio`` everywhere, or with ``shape`` (module name -> relative keep) the layers
+    under each named module keep ``(1 - ratio) * shape[name] / max(shape)`` of their channels and the layers
+    under no named module keep all of theirs (as a SigmaB tree's shared backbone)."""
     model.eval()
+    ratios = None
+    if shape:
+        unknown = [n for n in shape if n not in dict(model.named_modules())]
+        if unknown or min(shape.values()) <= 0:
+            raise ValueError(f"static_shape={shape}: every key must name a module of {type(model).__name__} "
+                             f"(unknown: {unknown}) and every value be a positive relative keep ratio")
+        top = max(shape.values())
+        ratios = {model.get_submodule(n): 1.0 - (1.0 - ratio) * r / top for n, r in shape.items()}
     with torch.enable_grad():
-        pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=ratio,
-                                      ignored_layers=[model.get_submodule(classifier)],
+        pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=0.0 if shape else ratio,
+                                      pruning_ratio_dict=ratios, ignored_layers=[model.get_submodule(classifier)],
                                       customized_pruners=registered_pruners())
         pruner.step()
     return model
 
 
 def prune_to_budget(dense: nn.Module, example: torch.Tensor, make_importance: Callable[[nn.Module], object],
-                    budget: int, classifier: str, name: str, iters: int = 14) -> nn.Module:
+                    budget: int, classifier: str, name: str, iters: int = 14,
+                    shape: Optional[Dict[str, float]] = None) -> nn.Module:
     """The largest model (fewest pruned channels) whose parameter count does not exceed ``budget``."""
     if budget >= count_params(dense):
         return copy.deepcopy(dense)
 
     def build(ratio: float) -> nn.Module:
         m = copy.deepcopy(dense)
-        return tp_prune(m, example, make_importance(m), ratio, classifier)
+        return tp_prune(m, example, make_importance(m), ratio, classifier, shape)
     return bisect_budget(build, count_params, budget, 0.0, 0.99, iters, shrinks=True, what=name,
                          fix=f"raise keep_ratio/target fraction or drop {name}")[1]

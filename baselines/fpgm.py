@@ -16,4 +16,4 @@ class FPGM(Method):
 
     def prepare(self, run: RunContext):
         return prune_to_budget(run.dense, run.calib[:2], lambda _m: tp.importance.FPGMImportance(p=2),
-                               run.budget, run.classifier, self.name)
+                               run.budget, run.classifier, self.name, shape=run.static_shape)

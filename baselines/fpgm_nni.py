@@ -86,6 +86,9 @@ class FPGMNNI(Method):
     static = True
 
     def prepare(self, run: RunContext):
+        if run.static_shape:
+            raise ValueError(f"fpgm_nni prunes one ratio everywhere; static_shape={run.static_shape} is for fpgm and "
+                             f"hrank: drop it or choose one of those")
         example = run.calib[:2]
         layers = internal_convs(run.dense, example, run.classifier)
         if count_params(run.dense) <= run.budget:

@@ -28,6 +28,7 @@ from .registry import RunContext, available_methods, get_method
 from .timing import latency_ratios
 
 
+STATIC_SHAPES = ("uniform", "tree")
 CALIBRATE_ROUTING_SAMPLES = 2048  # training inputs that calibrate_routing reads (a seeded subset)
 
 
@@ -45,6 +46,10 @@ class HarnessConfig:
     coverage: bool = False  # True: SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
     channel_score: str = "activation_weight"  # how SigmaB's nodes rank channels (BranchConfig.channel_score)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
+    keep_shape: Optional[List[float]] = None  # SigmaB: relative keep ratio of each level (the scale is searched)
+    # static methods: "uniform" prunes every layer by one ratio (their published form); "tree" gives them the
+    # SigmaB tree's allocation (the backbone's layers whole, each level's layers in the tree's keep proportion)
+    static_shape: str = "uniform"
     pretrain_epochs: int = 0  # train the dense reference from scratch first
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 0.5} for PointNet++
@@ -78,6 +83,11 @@ class HarnessConfig:
                 raise ValueError(f"reconstruct_ridges[{m!r}]={r} must be > 0 (e.g. 0.01 or 1.0)")
         if self.target_fraction is not None and not 0 < self.target_fraction < 1:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
+        if self.keep_shape is not None and (len(self.keep_shape) != self.depth or min(self.keep_shape) <= 0):
+            raise ValueError(f"keep_shape={self.keep_shape} needs one positive number per level (depth {self.depth}), "
+                             "e.g. [1.0, 0.7]")
+        if self.static_shape not in STATIC_SHAPES:
+            raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
 
     def ridge(self, method: str) -> float:
         """The ridge of ``method``'s refit: its own entry in ``reconstruct_ridges``, else ``reconstruct_ridge``."""
@@ -131,6 +141,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     calib = calibration_set(train, data.normalize, cfg.calib_size, cfg.seed, cfg.device)
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio,
                 channel_score=cfg.channel_score)
+    if cfg.keep_shape is not None:
+        opts["keep_shape"] = list(cfg.keep_shape)
     run = RunContext(dense, calib, None, opts, classifier_name(dense), cfg.seed, cfg.target_fraction)
     prepared = {}  # method -> (model, seconds)
     if cfg.target_fraction is not None:
@@ -142,6 +154,14 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         prepared["sigmab"] = (get_method("sigmab").prepare(run), time.perf_counter() - t0)
         run.budget = sb.param_report(prepared["sigmab"][0])["active_params_max"]
     budget = run.budget
+    if cfg.static_shape == "tree" and any(get_method(m).static for m in cfg.methods):
+        if "sigmab" not in prepared:  # the tree whose allocation the static methods take (kept if SigmaB runs)
+            t0 = time.perf_counter()
+            prepared["sigmab"] = (get_method("sigmab").prepare(run), time.perf_counter() - t0)
+        run.static_shape = tree_allocation(prepared["sigmab"][0])
+        if "sigmab" not in cfg.methods:
+            prepared.pop("sigmab")
+        log(f"static methods take the tree's allocation: {run.static_shape}")
     log(f"dense {dense_params:,} params, top-1 {reference:.4f}; budget {budget:,} active params "
         f"({budget / dense_params:.3f})")
     teacher = make_teacher(dense) if ft.distill_weight > 0 else None  # every method distils from the same one
@@ -200,7 +220,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
                "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "commit": started.get("commit"),
-               "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None}
+               "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None,
+               "static_shape": run.static_shape if method.static else None}
         if name == "sigmab":
             sb.save_branched(model, out / "sigmab" / "tree")
         rows.append(row)
@@ -225,6 +246,17 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         r["dense_reference_top1"] = reference
     write_outputs(rows, cfg, out, started)
     return rows
+
+
+def tree_allocation(tree: torch.nn.Module) -> Dict[str, float]:
+    """The relative keep ratio of the modules of each level of a SigmaB tree (module name -> the level's keep
+    ratio; the classifier left out), for ``RunContext.static_shape``: a static method given it keeps the tree's
+    backbone whole and prunes each level's layers in the tree's proportion, to its own budget."""
+    spec = sb.tree_state(tree).spec
+    keep = spec["config"]["keep_ratio"]
+    keep = keep if isinstance(keep, list) else [keep] * len(spec["levels"])
+    return {name: float(k) for names, k in zip(spec["levels"], keep) for name in names
+            if name not in spec["classifier"]}
 
 
 START = "start.json"  # per method: its top-1 before fine-tuning and its refit, for a resumed run

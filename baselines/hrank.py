@@ -67,4 +67,4 @@ class HRank(Method):
     def prepare(self, run: RunContext):
         ranks = feature_map_ranks(run.dense, run.calib)
         return prune_to_budget(run.dense, run.calib[:2], lambda m: HRankImportance(ranks, m), run.budget,
-                               run.classifier, self.name)
+                               run.classifier, self.name, shape=run.static_shape)

@@ -21,6 +21,9 @@ class RunContext:
     classifier: str  # module name of the final classifier (never pruned)
     seed: int = 0
     target_fraction: Optional[float] = None  # SigmaB: search the keep ratio to reach this active fraction
+    # static methods: module name -> relative keep ratio of the layers under it (the common scale is searched
+    # to the budget; a module named with 1.0 at the largest entry keeps the most); None: one ratio everywhere
+    static_shape: Optional[Dict[str, float]] = None
 
 
 class Method:

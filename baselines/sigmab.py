@@ -1,5 +1,8 @@
 """SigmaB: branch a copy of the dense reference (activation-aware spherical k-means initialisation),
-at the given keep ratio or, with a target active fraction, at the largest keep ratio that meets it."""
+at the given keep ratio or, with a target active fraction, at the largest keep ratio that meets it.
+
+``keep_shape`` (one positive number per level) makes the keep ratio of level ``l`` ``keep * shape[l] / max(shape)``:
+with a target, the common scale ``keep`` is searched, so the levels keep channels in that proportion."""
 import copy
 
 import sigmab_plugin as sb
@@ -12,9 +15,17 @@ from .registry import Method, RunContext, register_method
 class SigmaB(Method):
     def prepare(self, run: RunContext):
         opts = {"progress": False, "seed": run.seed, **run.branch_options}
+        shape = opts.pop("keep_shape", None)
+        if shape is not None:
+            shape = [float(r) for r in shape]
+            if len(shape) != opts.get("depth", 2) or min(shape) <= 0:
+                raise ValueError(f"keep_shape={shape} needs one positive number per level (depth "
+                                 f"{opts.get('depth', 2)}), e.g. [1.0, 0.8]")
+            shape = [r / max(shape) for r in shape]
 
         def build(keep: float):
-            return sb.branch(copy.deepcopy(run.dense), calib_data=run.calib, **{**opts, "keep_ratio": keep})
+            ratio = keep if shape is None else [keep * r for r in shape]
+            return sb.branch(copy.deepcopy(run.dense), calib_data=run.calib, **{**opts, "keep_ratio": ratio})
         if run.target_fraction is None:
             return build(opts.pop("keep_ratio", 0.5))
         dense = sum(p.numel() for p in run.dense.parameters())

@@ -119,12 +119,26 @@ VARIANTS = {
     "aw_nocover": ("sigmab", {"coverage": False, "channel_score": "activation_weight"}, dict(balance_weight=2.0), True),
     "aw_nocover_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
                       dict(balance_weight=2.0, seed=1), True),
+    # per-level keep ratios in a fixed proportion (the scale searched to the budget): the routed levels keep
+    # more channels than the leaves, or the leaves more than the level under them
+    "aw_shape_1_07": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "keep_shape": [1.0, 0.7]},
+                      dict(balance_weight=2.0), True),
+    "aw_shape_07_1": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "keep_shape": [0.7, 1.0]},
+                      dict(balance_weight=2.0), True),
+    "aw_shape_1_07_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "keep_shape": [1.0, 0.7]},
+                         dict(balance_weight=2.0, seed=1), True),
+    "aw_shape_1_05": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "keep_shape": [1.0, 0.5]},
+                      dict(balance_weight=2.0), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),
     # a stronger pull towards the pruned weights (ridge 1.0 instead of 0.01): a less exact, less fragile fit
     "fpgm_kd_recon_r1": ("fpgm", {}, dict(reconstruct={"ridge": 1.0}), True),
     "fpgm_kd_s1": ("fpgm", {}, dict(seed=1), True),
+    # FPGM with the tree's allocation across stages (layer1 whole, as the tree's backbone; layer2 and layer3 in
+    # the given proportion), so a gain from the shape is not credited to branching
+    "fpgm_kd_stage_1_1": ("fpgm", {"static_shape": {"layer2": 1.0, "layer3": 1.0}}, {}, True),
+    "fpgm_kd_stage_1_07": ("fpgm", {"static_shape": {"layer2": 1.0, "layer3": 0.7}}, {}, True),
     "fpgm_kd_bnfrozen": ("fpgm", {}, dict(bn_mode="frozen", lr=0.001), True),
     "hrank_kd": ("hrank", {}, {}, True),
 }
@@ -300,7 +314,8 @@ def main(argv=None) -> None:
             model = copy.deepcopy(trees[key])
             keep = sb.tree_state(model).spec["config"]["keep_ratio"]
         else:
-            run = RunContext(dense, calib, budget, opts, classifier_name(dense), a.seed)
+            run = RunContext(dense, calib, budget, opts, classifier_name(dense), a.seed,
+                             static_shape=bopts.get("static_shape"))
             model = get_method(method).prepare(run)
         ftopts = dict(ftopts)
         route_weight = ftopts.pop("route_weight", 0.0)

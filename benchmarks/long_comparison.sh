@@ -16,6 +16,9 @@
 #   and writes to runs/long/*_recon, so the report shows those rows beside the plain ones (as "+recon").
 #   RIDGE="0.01 fpgm=1 hrank=1" (with RECON=1) passes --reconstruct-ridge: one number for every method, or
 #   METHOD=NUMBER for one; the runs go to runs/long/*_recon_<RIDGE with spaces as _>.
+#   STATIC_SHAPE=tree passes --static-shape tree (FPGM/HRank keep the tree's backbone whole and prune its levels in
+#   the tree's proportion) and KEEP_SHAPE="1 0.7" passes --keep-shape 1 0.7 (SigmaB's per-level keep ratios); the
+#   runs go to runs/long/*_treealloc and runs/long/*_shape<KEEP_SHAPE with spaces as _>.
 #   TAG=name appends _name to every run folder (runs/long/*_name): a rerun under another default (e.g. the
 #   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
@@ -29,6 +32,11 @@ if [ -n "${RIDGE:-}" ]; then
   [ -n "$suffix" ] || { echo "RIDGE=\"$RIDGE\" needs RECON=1 (it sets the refit's ridge)" >&2; exit 2; }
   read -ra ridge <<< "$RIDGE"
   common+=(--reconstruct-ridge "${ridge[@]}"); suffix=_recon_${RIDGE// /_}
+fi
+if [ -n "${STATIC_SHAPE:-}" ]; then common+=(--static-shape "$STATIC_SHAPE"); suffix+=_${STATIC_SHAPE}alloc; fi
+if [ -n "${KEEP_SHAPE:-}" ]; then
+  read -ra shape <<< "$KEEP_SHAPE"
+  common+=(--keep-shape "${shape[@]}"); suffix+=_shape${KEEP_SHAPE// /_}
 fi
 suffix+=${TAG:+_$TAG}
 

@@ -54,6 +54,11 @@ def variant(r: dict) -> str:
         name += f"+channel_score={score}"
     if r["method"] == "sigmab" and r.get("routing_calibration"):
         name += "+calibrated"
+    keep = r.get("keep_ratio")
+    if r["method"] == "sigmab" and isinstance(keep, list):  # per-level keep ratios (harness --keep-shape)
+        name += "+keep_shape=" + ":".join(f"{k / max(keep):.2g}" for k in keep)
+    if r.get("static_shape"):  # a static method pruned with the tree's allocation (harness --static-shape tree)
+        name += "+tree_alloc"
     rec = r.get("reconstruction")
     if not rec:
         return name

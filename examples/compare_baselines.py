@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sigmab_plugin.baselines.data import DATASETS
-from sigmab_plugin.baselines.harness import HarnessConfig, format_table, plot, run_comparison
+from sigmab_plugin.baselines.harness import STATIC_SHAPES, HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
 from sigmab_plugin.config import CHANNEL_SCORES
 from sigmab_plugin.finetune import BN_MODES, ROUTE_INPUTS, FinetuneConfig
@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
                     help="how each SigmaB node ranks its channels: mean |activation| on its samples, or that times "
                          "the norm of the weights each channel feeds (activation_weight)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
+    ap.add_argument("--keep-shape", type=float, nargs="+", default=None, metavar="RATIO",
+                    help="SigmaB: relative keep ratio of each level, e.g. '1 0.7' (the leaves keep 0.7 of the share "
+                         "the level above keeps; the common scale is searched to --target-fraction)")
+    ap.add_argument("--static-shape", default=HarnessConfig.static_shape, choices=STATIC_SHAPES,
+                    help="FPGM/HRank: one pruning ratio everywhere (uniform, their published form), or the SigmaB "
+                         "tree's allocation (tree: the backbone whole, each level in the tree's keep proportion)")
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="train dense from scratch first (digits: 12)")
@@ -126,7 +132,8 @@ def parse(argv=None) -> tuple:
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=a.coverage, channel_score=a.channel_score,
-                        target_fraction=a.target_fraction, pretrain_epochs=pre,
+                        target_fraction=a.target_fraction, keep_shape=a.keep_shape, static_shape=a.static_shape,
+                        pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
                         resume=a.resume, calibrate_routing=a.calibrate_routing, reconstruct=a.reconstruct,

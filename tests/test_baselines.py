@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,69 @@ def test_unreachable_budget_is_an_error():
     run = registry.RunContext(make_model("cifar_resnet_b"), images(16), 100, {}, "fc")
     with pytest.raises(ValueError, match="cannot reach the budget of 100"):
         registry.get_method("fpgm").prepare(run)
+
+
+def test_sigmab_keep_shape_sets_the_levels_in_proportion_and_meets_the_budget():
+    """``keep_shape`` takes effect: each level keeps channels in the given proportion, the common scale is
+    searched to the target, and a shape of the wrong length is refused before anything is built."""
+    import sigmab_plugin as sb
+    dense = make_model("cifar_resnet_b")
+    total = sum(p.numel() for p in dense.parameters())
+    opts = dict(depth=2, prune_residual=True, coverage=False)
+
+    def prepare(**extra):
+        run = registry.RunContext(dense, images(64), int(0.5 * total), {**opts, **extra}, dense.head_name, 0, 0.5)
+        return registry.get_method("sigmab").prepare(run)
+    flat = sb.tree_state(prepare()).spec["config"]["keep_ratio"]
+    tree = prepare(keep_shape=[2.0, 1.0])
+    keep = sb.tree_state(tree).spec["config"]["keep_ratio"]
+    assert isinstance(flat, float) and isinstance(keep, list)
+    assert keep[1] == pytest.approx(keep[0] / 2)  # normalised by the largest entry: [1, 0.5] times the scale
+    assert keep[0] > flat > keep[1]
+    assert 0.8 * 0.5 * total <= sb.param_report(tree)["active_params_max"] <= 0.5 * total
+    with pytest.raises(ValueError, match=r"keep_shape=\[1.0\] needs one positive number per level"):
+        prepare(keep_shape=[1.0])
+
+
+@pytest.mark.parametrize("family", ["cifar_resnet_a", "cifar_resnet_b"])
+def test_static_shape_prunes_named_stages_in_proportion_and_leaves_the_rest_whole(family):
+    """``static_shape`` takes effect: layers under no named module keep every channel (the tree's backbone),
+    the named stages keep channels in the given proportion, and the budget still holds."""
+    dense = make_model(family)
+    total = sum(p.numel() for p in dense.parameters())
+    run = registry.RunContext(dense, images(16), int(0.5 * total), {}, dense.head_name,
+                              static_shape={"layer2": 1.0, "layer3": 0.5})
+    model = registry.get_method("fpgm").prepare(run)
+    width = {n: m.out_channels for n, m in model.named_modules() if n.endswith(".0.conv1")}
+    dense_width = {n: m.out_channels for n, m in dense.named_modules() if n.endswith(".0.conv1")}
+    assert width["layer1.0.conv1"] == dense_width["layer1.0.conv1"]
+    keep2 = width["layer2.0.conv1"] / dense_width["layer2.0.conv1"]
+    keep3 = width["layer3.0.conv1"] / dense_width["layer3.0.conv1"]
+    assert keep2 < 1 and keep3 == pytest.approx(keep2 / 2, abs=0.05)
+    assert 0.8 * run.budget <= sum(p.numel() for p in model.parameters()) <= run.budget
+    with pytest.raises(ValueError, match=r"static_shape=\{'stage9': 1.0\}: every key must name a module"):
+        registry.get_method("fpgm").prepare(registry.RunContext(dense, images(16), run.budget, {}, dense.head_name,
+                                                                static_shape={"stage9": 1.0}))
+
+
+def test_tree_allocation_names_each_level_with_its_keep_ratio_and_a_static_method_follows_it():
+    """harness --static-shape tree: FPGM keeps what the tree's backbone keeps (everything) and prunes each level
+    in the tree's proportion."""
+    import sigmab_plugin as sb
+    from sigmab_plugin.baselines.harness import tree_allocation
+    dense = make_model("cifar_resnet_a")
+    tree = sb.branch(copy.deepcopy(dense), depth=2, calib_data=images(64), keep_ratio=[0.8, 0.4], coverage=False,
+                     prune_residual=True, progress=False)
+    spec = sb.tree_state(tree).spec
+    alloc = tree_allocation(tree)
+    assert alloc == {n: k for names, k in zip(spec["levels"], [0.8, 0.4]) for n in names
+                     if n not in spec["classifier"]}
+    assert alloc["layer2"] == 0.8 and alloc["layer3"] == 0.4 and dense.head_name not in alloc
+    total = sum(p.numel() for p in dense.parameters())
+    run = registry.RunContext(dense, images(16), int(0.5 * total), {}, dense.head_name, static_shape=alloc)
+    model = registry.get_method("fpgm").prepare(run)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    dense_widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
+    backbone = [n for n in dense_widths if n == "conv1" or n.startswith("layer1.")]
+    assert backbone and all(widths[n] == dense_widths[n] for n in backbone)
+    assert widths["layer3.0.conv1"] / dense_widths["layer3.0.conv1"] < widths["layer2.0.conv1"] / dense_widths["layer2.0.conv1"] < 1

@@ -215,6 +215,9 @@ def test_recipe_flags_reach_the_config():
     ({"keep_ratio": 0.0}, "keep_ratio=0.0 must lie in (0, 1]"),
     ({"reconstruct_ridge": -1.0}, "reconstruct_ridge=-1.0 must be > 0"),
     ({"reconstruct_ridges": {"hrank": float("nan")}}, "reconstruct_ridges['hrank']=nan must be > 0"),
+    ({"keep_shape": [1.0]}, "keep_shape=[1.0] needs one positive number per level (depth 2)"),
+    ({"keep_shape": [1.0, 0.0]}, "keep_shape=[1.0, 0.0] needs one positive number per level"),
+    ({"static_shape": "layers"}, "static_shape='layers': choose from ('uniform', 'tree')"),
 ])
 def test_harness_config_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -296,6 +299,8 @@ EVERY_FLAG = {
     "keep_ratio": (["--keep-ratio", "0.7"], "keep_ratio"), "no_residual": (["--no-residual"], "prune_residual"),
     "coverage": (["--coverage"], "coverage"), "channel_score": (["--channel-score", "activation"], "channel_score"),
     "target_fraction": (["--target-fraction", "0.4"], "target_fraction"), "sweep": (["--sweep", "0.5", "1"], "sweep"),
+    "keep_shape": (["--keep-shape", "1", "0.7"], "keep_shape"),
+    "static_shape": (["--static-shape", "tree"], "static_shape"),
     "epochs": (["--epochs", "2"], "finetune.epochs"), "pretrain_epochs": (["--pretrain-epochs", "3"], "pretrain_epochs"),
     "lr": (["--lr", "0.05"], "finetune.lr"), "batch_size": (["--batch-size", "32"], "finetune.batch_size"),
     "distill": (["--distill", "0.5"], "finetune.distill_weight"),

@@ -36,6 +36,8 @@ CHANGES = {
     "coverage": (True, {}, "prepare"),
     "channel_score": ("activation", {}, "prepare"),
     "target_fraction": (0.3, {}, "prepare"),
+    "keep_shape": ([1.0, 0.5], {}, "prepare"),
+    "static_shape": ("tree", {"methods": ["fpgm"]}, "prepare"),
     "pretrain_epochs": (1, {}, "finetune"),
     "finetune": (FinetuneConfig(epochs=0, batch_size=32, progress=False, lr=0.5), {}, "finetune"),
     "pretrain_lr": (0.5, {"pretrain_epochs": 1}, "finetune"),

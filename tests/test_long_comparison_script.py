@@ -65,3 +65,10 @@ def test_modelnet40_stem_names_the_report_and_its_prior(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["-m", "benchmarks.report_long", "runs/o/runs", str(tmp_path), "x",
                                   "benchmarks/modelnet40.sh", "1.72", "--prior", str(tmp_path / "x.json")]
+
+
+def test_static_shape_and_keep_shape_reach_the_command_and_their_own_folder():
+    (cmd,) = commands(ONLY="f0.40_s0", STATIC_SHAPE="tree", KEEP_SHAPE="1 0.7", TAG="aw")
+    assert value(cmd, "--static-shape") == ["tree"] and value(cmd, "--keep-shape") == ["1", "0.7"]
+    assert value(cmd, "--out") == ["runs/long/resnet20_f0.40_s0_treealloc_shape1_0.7_aw"]
+    assert "dense" not in value(cmd, "--methods")  # the plain run's dense row stands

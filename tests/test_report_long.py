@@ -177,6 +177,11 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**plain, "channel_score": "activation"}) == "sigmab+channel_score=activation"
     legacy = {k: v for k, v in plain.items() if k != "channel_score"}  # a row from before the option
     assert variant(legacy) == "sigmab+channel_score=activation"
+    # per-level keep ratios (harness --keep-shape) and a static method given the tree's allocation (--static-shape)
+    assert variant({**plain, "keep_ratio": [0.76, 0.532]}) == "sigmab+keep_shape=1:0.7"
+    assert variant({**plain, "keep_ratio": 0.59}) == "sigmab"
+    assert variant({**fpgm, "static_shape": {"layer2": 0.6, "layer3": 0.6}}) == "fpgm+tree_alloc"
+    assert variant({**fpgm, "static_shape": None}) == "fpgm"
 
 
 
