@@ -156,24 +156,31 @@ def test_static_shape_prunes_named_stages_in_proportion_and_leaves_the_rest_whol
                                                                 static_shape={"stage9": 1.0}))
 
 
-def test_tree_allocation_names_each_level_with_its_keep_ratio_and_a_static_method_follows_it():
+@pytest.mark.parametrize("family", ["cifar_resnet_a", "resnet"])
+def test_tree_allocation_names_each_level_with_its_keep_ratio_and_a_static_method_follows_it(family):
     """harness --static-shape tree: FPGM keeps what the tree's backbone keeps (everything) and prunes each level
-    in the tree's proportion."""
+    in the tree's proportion (a CIFAR ResNet and a timm ResNet-18)."""
     import sigmab_plugin as sb
     from sigmab_plugin.baselines.harness import tree_allocation
-    dense = make_model("cifar_resnet_a")
+    dense = make_model(family).eval()
     tree = sb.branch(copy.deepcopy(dense), depth=2, calib_data=images(64), keep_ratio=[0.8, 0.4], coverage=False,
                      prune_residual=True, progress=False)
     spec = sb.tree_state(tree).spec
     alloc = tree_allocation(tree)
     assert alloc == {n: k for names, k in zip(spec["levels"], [0.8, 0.4]) for n in names
                      if n not in spec["classifier"]}
-    assert alloc["layer2"] == 0.8 and alloc["layer3"] == 0.4 and dense.head_name not in alloc
+    assert set(alloc.values()) == {0.8, 0.4} and not set(alloc) & set(spec["classifier"])
     total = sum(p.numel() for p in dense.parameters())
-    run = registry.RunContext(dense, images(16), int(0.5 * total), {}, dense.head_name, static_shape=alloc)
+    classifier = spec["classifier"][0]
+    run = registry.RunContext(dense, images(16), int(0.6 * total), {}, classifier, static_shape=alloc)
     model = registry.get_method("fpgm").prepare(run)
+    assert sum(p.numel() for p in model.parameters()) <= run.budget
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     dense_widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
-    backbone = [n for n in dense_widths if n == "conv1" or n.startswith("layer1.")]
-    assert backbone and all(widths[n] == dense_widths[n] for n in backbone)
-    assert widths["layer3.0.conv1"] / dense_widths["layer3.0.conv1"] < widths["layer2.0.conv1"] / dense_widths["layer2.0.conv1"] < 1
+
+    def level(name):
+        return next((alloc[k] for k in alloc if name == k or name.startswith(k + ".")), None)
+    backbone = [n for n in dense_widths if level(n) is None]
+    assert backbone and all(widths[n] == dense_widths[n] for n in backbone)  # the tree's backbone stays whole
+    kept = {k: [widths[n] / dense_widths[n] for n in dense_widths if level(n) == k] for k in (0.8, 0.4)}
+    assert min(kept[0.8]) < 1 and max(kept[0.4]) < min(kept[0.8])  # the leaves' level prunes more
