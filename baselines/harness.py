@@ -88,6 +88,9 @@ class HarnessConfig:
                              "e.g. [1.0, 0.7]")
         if self.static_shape not in STATIC_SHAPES:
             raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
+        if self.static_shape != "uniform" and "fpgm_nni" in self.methods:  # refused before anything trains
+            raise ValueError(f"static_shape={self.static_shape!r} is for fpgm and hrank; fpgm_nni prunes one ratio "
+                             "everywhere: drop fpgm_nni from methods or use static_shape='uniform'")
 
     def ridge(self, method: str) -> float:
         """The ridge of ``method``'s refit: its own entry in ``reconstruct_ridges``, else ``reconstruct_ridge``."""

@@ -218,6 +218,7 @@ def test_recipe_flags_reach_the_config():
     ({"keep_shape": [1.0]}, "keep_shape=[1.0] needs one positive number per level (depth 2)"),
     ({"keep_shape": [1.0, 0.0]}, "keep_shape=[1.0, 0.0] needs one positive number per level"),
     ({"static_shape": "layers"}, "static_shape='layers': choose from ('uniform', 'tree')"),
+    ({"static_shape": "tree", "methods": ["sigmab", "fpgm_nni"]}, "static_shape='tree' is for fpgm and hrank"),
 ])
 def test_harness_config_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
