@@ -56,10 +56,7 @@ def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, 
     model.eval()
     ratios = None
     if shape:
-        unknown = [n for n in shape if n not in dict(model.named_modules())]
-        if unknown or min(shape.values()) <= 0:
-            raise ValueError(f"static_shape={shape}: every key must name a module of {type(model).__name__} "
-                             f"(unknown: {unknown}) and every value be a positive relative keep ratio")
+        check_shape(model, shape)
         top = max(shape.values())
         ratios = {model.get_submodule(n): 1.0 - (1.0 - ratio) * r / top for n, r in shape.items()}
     with torch.enable_grad():
@@ -70,10 +67,20 @@ def tp_prune(model: nn.Module, example: torch.Tensor, importance, ratio: float, 
     return model
 
 
+def check_shape(model: nn.Module, shape: Dict[str, float]) -> None:
+    """``ValueError`` unless every key of ``shape`` names a module of ``model`` and every value is positive."""
+    unknown = [n for n in shape if n not in dict(model.named_modules())]
+    if unknown or min(shape.values()) <= 0:
+        raise ValueError(f"static_shape={shape}: every key must name a module of {type(model).__name__} "
+                         f"(unknown: {unknown}) and every value be a positive relative keep ratio")
+
+
 def prune_to_budget(dense: nn.Module, example: torch.Tensor, make_importance: Callable[[nn.Module], object],
                     budget: int, classifier: str, name: str, iters: int = 14,
                     shape: Optional[Dict[str, float]] = None) -> nn.Module:
     """The largest model (fewest pruned channels) whose parameter count does not exceed ``budget``."""
+    if shape:
+        check_shape(dense, shape)  # once, before the search builds any model
     if budget >= count_params(dense):
         return copy.deepcopy(dense)
 

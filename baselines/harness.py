@@ -25,6 +25,7 @@ from .data import load_dataset
 from .models import classifier_name, create_model
 from .provenance import machine
 from .registry import RunContext, available_methods, get_method
+from .sigmab import level_shape
 from .timing import latency_ratios
 
 
@@ -83,9 +84,8 @@ class HarnessConfig:
                 raise ValueError(f"reconstruct_ridges[{m!r}]={r} must be > 0 (e.g. 0.01 or 1.0)")
         if self.target_fraction is not None and not 0 < self.target_fraction < 1:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
-        if self.keep_shape is not None and (len(self.keep_shape) != self.depth or min(self.keep_shape) <= 0):
-            raise ValueError(f"keep_shape={self.keep_shape} needs one positive number per level (depth {self.depth}), "
-                             "e.g. [1.0, 0.7]")
+        if self.keep_shape is not None:
+            level_shape(self.keep_shape, self.depth)
         if self.static_shape not in STATIC_SHAPES:
             raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
         if self.static_shape != "uniform" and "fpgm_nni" in self.methods:  # refused before anything trains

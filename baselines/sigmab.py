@@ -11,17 +11,21 @@ from ._static import bisect_budget
 from .registry import Method, RunContext, register_method
 
 
+def level_shape(shape, depth: int) -> list:
+    """``shape`` normalised by its largest entry; ``ValueError`` unless it holds one positive number per level."""
+    shape = [float(r) for r in shape]
+    if len(shape) != depth or min(shape) <= 0:
+        raise ValueError(f"keep_shape={shape} needs one positive number per level (depth {depth}), e.g. [1.0, 0.7]")
+    return [r / max(shape) for r in shape]
+
+
 @register_method("sigmab")
 class SigmaB(Method):
     def prepare(self, run: RunContext):
         opts = {"progress": False, "seed": run.seed, **run.branch_options}
         shape = opts.pop("keep_shape", None)
         if shape is not None:
-            shape = [float(r) for r in shape]
-            if len(shape) != opts.get("depth", 2) or min(shape) <= 0:
-                raise ValueError(f"keep_shape={shape} needs one positive number per level (depth "
-                                 f"{opts.get('depth', 2)}), e.g. [1.0, 0.8]")
-            shape = [r / max(shape) for r in shape]
+            shape = level_shape(shape, opts.get("depth", sb.BranchConfig().depth))
 
         def build(keep: float):
             ratio = keep if shape is None else [keep * r for r in shape]
