@@ -46,6 +46,7 @@ class HarnessConfig:
     prune_residual: bool = True
     coverage: bool = False  # True: SigmaB siblings keep every dense channel (needs keep_ratio >= 0.5)
     channel_score: str = "activation_weight"  # how SigmaB's nodes rank channels (BranchConfig.channel_score)
+    router_grid: int = 1  # SigmaB's routers read the split-point map over a grid x grid of cells (BranchConfig)
     target_fraction: Optional[float] = None  # if set: SigmaB's keep ratio is searched to reach it
     keep_shape: Optional[List[float]] = None  # SigmaB: relative keep ratio of each level (the scale is searched)
     # static methods: "uniform" prunes every layer by one ratio (their published form); "tree" gives them the
@@ -86,6 +87,8 @@ class HarnessConfig:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
         if self.keep_shape is not None:
             level_shape(self.keep_shape, self.depth)
+        if isinstance(self.router_grid, bool) or not isinstance(self.router_grid, int) or self.router_grid < 1:
+            raise ValueError(f"router_grid={self.router_grid!r} must be an integer >= 1 (1: global average pooling)")
         if self.static_shape not in STATIC_SHAPES:
             raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
         if self.static_shape != "uniform" and "fpgm_nni" in self.methods:  # refused before anything trains
@@ -143,7 +146,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
     calib = calibration_set(train, data.normalize, cfg.calib_size, cfg.seed, cfg.device)
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio,
-                channel_score=cfg.channel_score)
+                channel_score=cfg.channel_score, router_grid=cfg.router_grid)
     if cfg.keep_shape is not None:
         opts["keep_shape"] = list(cfg.keep_shape)
     run = RunContext(dense, calib, None, opts, classifier_name(dense), cfg.seed, cfg.target_fraction)

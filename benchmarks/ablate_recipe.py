@@ -129,6 +129,15 @@ VARIANTS = {
                          dict(balance_weight=2.0, seed=1), True),
     "aw_shape_1_05": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "keep_shape": [1.0, 0.5]},
                       dict(balance_weight=2.0), True),
+    # routers that read where a feature fires: the split-point map averaged over a grid x grid layout of cells
+    # (BranchConfig.router_grid; a linear probe of ResNet-20's layer1 predicts the class at 53% from a 2x2 grid,
+    # 43% from the global average: benchmarks/results/probe_split_resnet20.md)
+    "aw_grid2": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "router_grid": 2},
+                 dict(balance_weight=2.0), True),
+    "aw_grid2_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "router_grid": 2},
+                    dict(balance_weight=2.0, seed=1), True),
+    "aw_grid4": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "router_grid": 4},
+                 dict(balance_weight=2.0), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),

@@ -19,6 +19,7 @@
 #   STATIC_SHAPE=tree passes --static-shape tree (FPGM/HRank keep the tree's backbone whole and prune its levels in
 #   the tree's proportion) and KEEP_SHAPE="1 0.7" passes --keep-shape 1 0.7 (SigmaB's per-level keep ratios); the
 #   runs go to runs/long/*_treealloc and runs/long/*_shape<KEEP_SHAPE with spaces as _>.
+#   ROUTER_GRID=2 passes --router-grid 2 (SigmaB's routers read a 2x2 grid of cells); runs go to runs/long/*_grid2.
 #   TAG=name appends _name to every run folder (runs/long/*_name): a rerun under another default (e.g. the
 #   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
@@ -38,6 +39,7 @@ if [ -n "${KEEP_SHAPE:-}" ]; then
   read -ra shape <<< "$KEEP_SHAPE"
   common+=(--keep-shape "${shape[@]}"); suffix+=_shape${KEEP_SHAPE// /_}
 fi
+if [ -n "${ROUTER_GRID:-}" ]; then common+=(--router-grid "$ROUTER_GRID"); suffix+=_grid$ROUTER_GRID; fi
 suffix+=${TAG:+_$TAG}
 
 run() {  # model checkpoint epochs fraction seed methods...

@@ -52,6 +52,8 @@ def variant(r: dict) -> str:
     score = r.get("channel_score", "activation")
     if r["method"] == "sigmab" and score != HarnessConfig.channel_score:
         name += f"+channel_score={score}"
+    if r["method"] == "sigmab" and r.get("router_grid", 1) != HarnessConfig.router_grid:
+        name += f"+router_grid={r.get('router_grid', 1)}"
     if r["method"] == "sigmab" and r.get("routing_calibration"):
         name += "+calibrated"
     keep = r.get("keep_ratio")
@@ -86,7 +88,8 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         ran_on = ran_on_text(data.get("machine", {}))
         score = data["config"].get("channel_score", "activation")  # runs before the option ranked by activation
         for r in data["rows"]:
-            r = {**r, "channel_score": score} if r["method"] == "sigmab" else r
+            if r["method"] == "sigmab":
+                r = {**r, "channel_score": score, "router_grid": data["config"].get("router_grid", 1)}
             rows.append({**r, "run": f.parent.name, "target": frac, "variant": variant(r),
                          "commit": r.get("commit", commit),  # a row's own (a folder can hold runs of several)
                          **({"ran_on": ran_on} if ran_on else {})})

@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--channel-score", default=HarnessConfig.channel_score, choices=CHANNEL_SCORES,
                     help="how each SigmaB node ranks its channels: mean |activation| on its samples, or that times "
                          "the norm of the weights each channel feeds (activation_weight)")
+    ap.add_argument("--router-grid", type=int, default=HarnessConfig.router_grid, metavar="G",
+                    help="SigmaB's routers read each split-point feature map averaged over a G x G grid of cells "
+                         "(1: the global average; 2: four quadrants, 4x the features; image models only)")
     ap.add_argument("--target-fraction", type=float, default=None, help="active fraction to reach (overrides keep)")
     ap.add_argument("--keep-shape", type=float, nargs="+", default=None, metavar="RATIO",
                     help="SigmaB: relative keep ratio of each level, e.g. '1 0.7' (the leaves keep 0.7 of the share "
@@ -132,6 +135,7 @@ def parse(argv=None) -> tuple:
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,
                         shortcut=a.shortcut, methods=a.methods, depth=a.depth, keep_ratio=a.keep_ratio,
                         prune_residual=not a.no_residual, coverage=a.coverage, channel_score=a.channel_score,
+                        router_grid=a.router_grid,
                         target_fraction=a.target_fraction, keep_shape=a.keep_shape, static_shape=a.static_shape,
                         pretrain_epochs=pre,
                         finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,

@@ -103,6 +103,7 @@ def rebuild_tree(base_model: nn.Module, spec: dict, forward_fn=None):
     example = torch.zeros(2, *spec["input_shape"], device=device)
     with using_forward_fn(forward_fn):
         trace = _trace.trace_calls(base_model, example)  # router input width = channels at each split point
-        routers = [[CosineRouter(torch.zeros(2, trace.width[split]), 1.0).to(device) for _ in range(2 ** l)]
-                   for l, split in enumerate(spec["split_points"])]
+        grid = int(spec["config"].get("router_grid", 1))  # trees saved before the option pooled globally
+        routers = [[CosineRouter(torch.zeros(2, trace.width[split] * grid * grid), 1.0, grid=grid).to(device)
+                    for _ in range(2 ** l)] for l, split in enumerate(spec["split_points"])]
         return build_tree(base_model, spec, example, routers)

@@ -93,7 +93,7 @@ def _finite(t: torch.Tensor, where: str) -> None:
 def route_children(routers: List[CosineRouter], parent: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Child node id of every row, given its parent node id and the split-point output ``out``."""
     child = torch.empty_like(parent)
-    pooled = pool_features(out)
+    pooled = routers[0].pool(out)  # every router of a level pools alike
     for j in torch.unique(parent).tolist():
         rows = parent == j
         child[rows] = 2 * j + routers[j](pooled[rows]).argmax(1)
@@ -145,7 +145,7 @@ def split_features(model: nn.Module, split_points: Sequence[str], data, cfg, dev
     handles = []
     for s in split_points:
         def hook(_m, _i, out, s=s):
-            f = pool_features(out).detach().float()
+            f = pool_features(out, cfg.router_grid).detach().float()
             _finite(f, f"split point {s!r}")
             store[s].append(f.cpu())
         handles.append(model.get_submodule(s).register_forward_hook(hook))

@@ -18,7 +18,7 @@ from . import _calib
 from ._forward import run_model
 from .config import BranchConfig
 from .kmeans import spherical_kmeans
-from .routing import CosineRouter, RoutedModule, pool_features
+from .routing import CosineRouter, RoutedModule
 
 
 def fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):
@@ -26,7 +26,7 @@ def fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):
     center = feats.mean(0)
     km = spherical_kmeans(feats - center, 2, restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters, seed=seed,
                           min_share=cfg.min_cluster_share)
-    router = CosineRouter(km.centroids, 1.0, center=center)
+    router = CosineRouter(km.centroids, 1.0, center=center, grid=cfg.router_grid)
     return router, set_threshold(router, feats, int((km.labels == 0).sum()), cfg.router_tau)
 
 
@@ -86,7 +86,7 @@ def refit_routers(tree: nn.Module, dense: nn.Module, split_points: List[str], ro
         if isinstance(m, RoutedModule) and m.routers is not None and m.level >= 2:
             def tree_hook(mod, inp):
                 ctx, l = mod._tree.ctx, mod.level - 1
-                feats[l].append((pool_features(inp[0]).float().cpu(), ctx.node.cpu(),
+                feats[l].append((mod.routers[0].pool(inp[0]).float().cpu(), ctx.node.cpu(),
                                  (path[l + 1][ctx.sample] & 1).cpu()))
                 if l == depth - 1:
                     raise _Stop  # the last routers' inputs are recorded: the leaves need not run

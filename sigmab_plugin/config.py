@@ -47,6 +47,9 @@ class BranchConfig:
         default=None, metadata={"help": "module paths kept whole (unpruned) in every node"})
     keep_ratio_dict: Optional[Dict[str, float]] = field(
         default=None, metadata={"help": "module path -> keep ratio of the channel groups that module writes"})
+    router_grid: int = field(
+        default=1, metadata={"help": "routers read each split-point feature map averaged over a grid x grid layout "
+                                     "(1: global average; 2: four quadrants, 4x the features; image maps only)"})
     router_tau: Optional[float] = field(
         default=None, metadata={"help": "scale of the cosine router logits; None: per router, median margin 1"})
     kmeans_restarts: int = field(default=4, metadata={"help": "spherical k-means restarts (best objective kept)"})
@@ -81,7 +84,7 @@ class BranchConfig:
 
     def validate(self) -> None:
         """Raise ``TypeError``/``ValueError`` naming the first bad field, its value and the fix."""
-        for name in ("depth", "seed", "round_to", "kmeans_restarts", "kmeans_iters", "min_leaf_samples",
+        for name in ("depth", "seed", "round_to", "router_grid", "kmeans_restarts", "kmeans_iters", "min_leaf_samples",
                      "calib_batch_size", "version"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -114,7 +117,7 @@ class BranchConfig:
             raise ValueError(
                 f"split_points={self.split_points!r} has {len(self.split_points)} entries but depth={self.depth} "
                 f"needs exactly {self.depth} (the root router's and one per internal level)")
-        checks = [("round_to", self.round_to >= 1),
+        checks = [("round_to", self.round_to >= 1), ("router_grid", self.router_grid >= 1),
                   ("router_tau", self.router_tau is None or (math.isfinite(self.router_tau) and self.router_tau > 0)),
                   ("kmeans_restarts", self.kmeans_restarts >= 1), ("kmeans_iters", self.kmeans_iters >= 1),
                   ("min_cluster_share", 0.0 <= self.min_cluster_share < 0.5),

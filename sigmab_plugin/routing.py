@@ -31,10 +31,17 @@ from .pathbn import PathBatchNorm, PathBatchNorm1d, PathBatchNorm2d, to_path_bat
 ROUTING_MODES = ("hard", "soft", "auto")
 
 
-def pool_features(x) -> torch.Tensor:
+def pool_features(x, grid: int = 1) -> torch.Tensor:
     """Per-sample feature vector at a split point: average pool for images, max pool for point sets
-    (a tuple between units, as in PointNet++, carries its features first)."""
+    (a tuple between units, as in PointNet++, carries its features first). ``grid`` > 1 averages an
+    image feature map over a ``grid x grid`` layout of cells instead of the whole map
+    (``C * grid**2`` features, channel-major: where in the image a feature fires, not only how much)."""
     x = feats(x)
+    if grid > 1 and x.ndim != 2:
+        if x.ndim != 4:
+            raise ValueError(f"router_grid={grid} pools image feature maps (B, C, H, W) over a grid; this split point "
+                             f"gives shape {tuple(x.shape)}: use router_grid=1")
+        return F.adaptive_avg_pool2d(x, grid).flatten(1)
     if x.ndim == 4:
         return x.mean(dim=(2, 3))
     if x.ndim == 3:
@@ -80,11 +87,13 @@ class CosineRouter(nn.Module):
     close to 1 and a router on them is ill-conditioned. ``balance`` is a load-balancing offset that
     is not trained by gradient: like BatchNorm's running statistics it is updated by training-mode
     forwards (see :meth:`update_balance`), pulling each child's share of hard decisions to 1/2.
+    ``grid`` is how the router pools a feature map (:func:`pool_features`; ``BranchConfig.router_grid``).
     """
 
     def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None,
-                 center: Optional[torch.Tensor] = None):
+                 center: Optional[torch.Tensor] = None, grid: int = 1):
         super().__init__()
+        self.grid = int(grid)
         self.centroids = nn.Parameter(centroids.detach().clone().float())
         self.bias = nn.Parameter(torch.zeros(centroids.shape[0]) if bias is None else bias.detach().clone().float())
         self.register_buffer("tau", torch.tensor(float(tau)))
@@ -93,9 +102,16 @@ class CosineRouter(nn.Module):
         self.register_buffer("balance", torch.zeros(centroids.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # float32 whatever the model's dtype (half, bfloat16)
-        f = F.normalize(pool_features(x).float() - self.center.float(), dim=1)
+        f = F.normalize(self.pool(x).float() - self.center.float(), dim=1)
         c = F.normalize(self.centroids.float(), dim=1)
         return self.tau.float() * f @ c.T + self.bias.float() + self.balance.float()
+
+    def pool(self, x) -> torch.Tensor:
+        """The router's input features of a split-point output (a pooled (B, D) tensor passes through)."""
+        return pool_features(x, self.grid)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.centroids.shape[1]}, grid={self.grid}"
 
     @torch.no_grad()
     def update_balance(self, choice: torch.Tensor, rate: float) -> None:
@@ -325,7 +341,7 @@ class RoutedModule(nn.Module):
         if state.recording is None and state.route_source is None:
             return self.routers[parent](xs)
         sample = ctx.sample if idx is None else ctx.sample[idx]
-        pooled = pool_features(xs)
+        pooled = self.routers[parent].pool(xs)
         if state.recording is not None:
             stored, present = state.recording.setdefault((self.level, parent), (
                 pooled.new_zeros(ctx.batch, pooled.shape[1]), torch.zeros(ctx.batch, dtype=torch.bool, device=pooled.device)))

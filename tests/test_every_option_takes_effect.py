@@ -101,7 +101,7 @@ TREE_CHANGES = {
     "depth": 1, "keep_ratio": 0.75, "split_points": ["layer2", "layer3.1"], "seed": 1, "coverage": True,
     "prune_residual": True, "round_to": 3, "ignored_layers": ["layer2.0.conv1"],
     "keep_ratio_dict": {"layer2.0.conv1": 0.25}, "router_tau": 5.0, "kmeans_restarts": 1, "kmeans_iters": 1,
-    "min_cluster_share": 0.45, "min_leaf_samples": 40, "channel_score": "activation",
+    "min_cluster_share": 0.45, "min_leaf_samples": 40, "channel_score": "activation", "router_grid": 2,
 }
 TREE_RUN_ONLY = ("calib_batch_size", "progress", "version")  # batches, output; version is the format's, not an option
 CALIB = images(64, seed=1)

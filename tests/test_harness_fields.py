@@ -35,6 +35,7 @@ CHANGES = {
     "prune_residual": (False, {}, "prepare"),
     "coverage": (True, {}, "prepare"),
     "channel_score": ("activation", {}, "prepare"),
+    "router_grid": (2, {}, "prepare"),
     "target_fraction": (0.3, {}, "prepare"),
     "keep_shape": ([1.0, 0.5], {}, "prepare"),
     "static_shape": ("tree", {"methods": ["fpgm"]}, "prepare"),

@@ -63,7 +63,7 @@ def test_config_round_trip(cfg):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(depth=0), "depth=0"), (dict(keep_ratio=[0.5]), "keep_ratio has 1 entries for depth=2"),
     (dict(keep_ratio=float("nan")), "keep_ratio=nan"), (dict(router_tau=0), "router_tau=0"),
-    (dict(split_points=["a"]), "needs exactly 2"), (dict(min_cluster_share=0.5), "min_cluster_share=0.5"),
+    (dict(split_points=["a"]), "needs exactly 2"), (dict(router_grid=0), "router_grid=0"), (dict(min_cluster_share=0.5), "min_cluster_share=0.5"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

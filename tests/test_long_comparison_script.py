@@ -72,3 +72,9 @@ def test_static_shape_and_keep_shape_reach_the_command_and_their_own_folder():
     assert value(cmd, "--static-shape") == ["tree"] and value(cmd, "--keep-shape") == ["1", "0.7"]
     assert value(cmd, "--out") == ["runs/long/resnet20_f0.40_s0_treealloc_shape1_0.7_aw"]
     assert "dense" not in value(cmd, "--methods")  # the plain run's dense row stands
+
+
+def test_router_grid_reaches_the_command_and_its_own_folder():
+    (cmd,) = commands(ONLY="f0.30_s1", ROUTER_GRID="2", METHODS="sigmab")
+    assert value(cmd, "--router-grid") == ["2"] and value(cmd, "--methods") == ["sigmab"]
+    assert value(cmd, "--out") == ["runs/long/resnet20_f0.30_s1_grid2"]

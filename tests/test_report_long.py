@@ -182,6 +182,10 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**plain, "keep_ratio": 0.59}) == "sigmab"
     assert variant({**fpgm, "static_shape": {"layer2": 0.6, "layer3": 0.6}}) == "fpgm+tree_alloc"
     assert variant({**fpgm, "static_shape": None}) == "fpgm"
+    # routers over a grid of cells (harness --router-grid); a row from before the option pooled globally
+    assert variant({**plain, "router_grid": 2}) == "sigmab+router_grid=2"
+    assert variant({**plain, "router_grid": 1}) == variant(plain) == "sigmab"
+    assert variant({**fpgm, "router_grid": 2}) == "fpgm"  # no router
 
 
 
