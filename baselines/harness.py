@@ -257,8 +257,15 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
 def tree_allocation(tree: torch.nn.Module) -> Dict[str, float]:
     """The relative keep ratio of the modules of each level of a SigmaB tree (module name -> the level's keep
     ratio; the classifier left out), for ``RunContext.static_shape``: a static method given it keeps the tree's
-    backbone whole and prunes each level's layers in the tree's proportion, to its own budget."""
+    backbone whole and prunes each level's layers in the tree's proportion, to its own budget. A tree built with
+    per-module exceptions (``keep_ratio_dict``, ``ignored_layers``) is refused: the allocation holds one ratio per
+    level and would silently drop them."""
     spec = sb.tree_state(tree).spec
+    exceptions = {k: spec["config"].get(k) for k in ("keep_ratio_dict", "ignored_layers") if spec["config"].get(k)}
+    if exceptions:
+        raise ValueError(f"tree_allocation gives one keep ratio per level; this tree was also built with {exceptions}, "
+                         "which it cannot pass on: build the tree without them, or give the static method its own "
+                         "static_shape (module name -> relative keep)")
     keep = spec["config"]["keep_ratio"]
     keep = keep if isinstance(keep, list) else [keep] * len(spec["levels"])
     return {name: float(k) for names, k in zip(spec["levels"], keep) for name in names

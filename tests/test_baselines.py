@@ -184,3 +184,13 @@ def test_tree_allocation_names_each_level_with_its_keep_ratio_and_a_static_metho
     assert backbone and all(widths[n] == dense_widths[n] for n in backbone)  # the tree's backbone stays whole
     kept = {k: [widths[n] / dense_widths[n] for n in dense_widths if level(n) == k] for k in (0.8, 0.4)}
     assert min(kept[0.8]) < 1 and max(kept[0.4]) < min(kept[0.8])  # the leaves' level prunes more
+
+
+@pytest.mark.parametrize("option", [{"keep_ratio_dict": {"layer2.0.conv1": 0.25}},
+                                    {"ignored_layers": ["layer2.0.conv1"]}])
+def test_tree_allocation_refuses_a_tree_with_per_module_exceptions(option):
+    import sigmab_plugin as sb
+    from sigmab_plugin.baselines.harness import tree_allocation
+    tree = sb.branch(make_model("cifar_resnet_b"), depth=2, calib_data=images(64), progress=False, **option)
+    with pytest.raises(ValueError, match=f"built with .*{next(iter(option))}.*cannot pass on"):
+        tree_allocation(tree)
