@@ -126,7 +126,26 @@ def test_reconstructed_rows_are_their_own_variant_against_the_best_static_of_any
     assert margins["sigmab"]["0.3"]["sigmab"] == 0.80 and margins["sigmab+recon"]["0.3"]["sigmab"] == 0.84
     assert margins["sigmab+recon"]["0.3"]["best_static"] == "fpgm"
     assert abs(margins["sigmab+recon"]["0.3"]["margin_pp"] - 5.0) < 1e-9
-    assert "- At 0.3 active: sigmab+recon 84.00% vs best static (fpgm) 79.00%: **+5.00 pp**" in text
+    assert "- At 0.3 active: sigmab+recon 84.00% vs best static (fpgm) 79.00% on seed 0: **+5.00 pp**" in text
+
+
+def test_margins_pair_seeds_so_a_one_seed_static_is_not_read_against_the_trees_two_seed_mean(tmp_path):
+    runs = {"m_f0.40_s0": [_row("sigmab", 0.39, 0.83), _row("fpgm", 0.39, 0.82)],
+            "m_f0.40_s1": [_row("sigmab", 0.39, 0.81, seed=1), _row("fpgm", 0.39, 0.80, seed=1)],
+            "m_f0.40_s0_treealloc": [_row("fpgm", 0.39, 0.825, static_shape={"layer2": 0.6, "layer3": 0.6})]}
+    for name, rows in runs.items():
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": rows}))
+    report_long.main(str(tmp_path / "runs"), str(tmp_path / "out"))
+    mg = json.loads((tmp_path / "out" / "long_comparison.json").read_text())["summary"]["pointnet2_ssg"]["margins"]
+    # fpgm on both seeds: +1.0 pp; fpgm+tree_alloc on seed 0 only: 83.0 - 82.5 = +0.5 pp (not 82.0 - 82.5 = -0.5)
+    m = mg["sigmab"]["0.4"]
+    assert m["best_static"] == "fpgm+tree_alloc" and m["seeds"] == [0]
+    assert m["margin_pp"] == pytest.approx(0.5) and m["sigmab"] == pytest.approx(0.83)
+    assert m["sigmab_all_seeds"] == pytest.approx(0.82)
+    text = (tmp_path / "out" / "long_comparison.md").read_text()
+    assert "vs best static (fpgm+tree_alloc) 82.50% on seed 0: **+0.50 pp**" in text
 
 
 def test_reduction_at_matched_top1_is_read_between_measured_active_fractions(tmp_path):
@@ -181,6 +200,8 @@ def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     assert variant({**plain, "keep_ratio": [0.76, 0.532]}) == "sigmab+keep_shape=1:0.7"
     assert variant({**plain, "keep_ratio": 0.59}) == "sigmab"
     assert variant({**fpgm, "static_shape": {"layer2": 0.6, "layer3": 0.6}}) == "fpgm+tree_alloc"
+    # the allocation of a tree with per-level keep ratios is another variant, not averaged with the flat one
+    assert variant({**fpgm, "static_shape": {"layer2": 0.76, "layer3": 0.532, "pool": 0.532}}) == "fpgm+tree_alloc=1:0.7"
     assert variant({**fpgm, "static_shape": None}) == "fpgm"
     # routers over a grid of cells (harness --router-grid); a row from before the option pooled globally
     assert variant({**plain, "router_grid": 2}) == "sigmab+router_grid=2"
