@@ -226,7 +226,9 @@ def plot(rows: List[dict], path: Path):
 
     models = sorted({r["model"] for r in rows})
     names = sorted({r["variant"] for r in rows if r["method"] != "dense"})
-    color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per variant in every panel
+    # one colour per variant in every panel: tab20's ten dark hues first, then their light pairs
+    cmap = plt.get_cmap("tab20")
+    color = {n: cmap((2 * i + (i // 10) % 2) % 20) for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         mr = [r for r in rows if r["model"] == model]
@@ -247,9 +249,9 @@ def plot(rows: List[dict], path: Path):
         ax.set_xlabel("active parameters / dense")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.26))  # below: never over the data
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
 
 
