@@ -87,8 +87,7 @@ class HarnessConfig:
             raise ValueError(f"target_fraction={self.target_fraction} must lie in (0, 1)")
         if self.keep_shape is not None:
             level_shape(self.keep_shape, self.depth)
-        if isinstance(self.router_grid, bool) or not isinstance(self.router_grid, int) or self.router_grid < 1:
-            raise ValueError(f"router_grid={self.router_grid!r} must be an integer >= 1 (1: global average pooling)")
+        sb.BranchConfig(router_grid=self.router_grid)  # branch()'s own check, before anything trains
         if self.static_shape not in STATIC_SHAPES:
             raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
         if self.static_shape != "uniform" and "fpgm_nni" in self.methods:  # refused before anything trains

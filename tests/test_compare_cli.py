@@ -216,7 +216,7 @@ def test_recipe_flags_reach_the_config():
     ({"reconstruct_ridge": -1.0}, "reconstruct_ridge=-1.0 must be > 0"),
     ({"reconstruct_ridges": {"hrank": float("nan")}}, "reconstruct_ridges['hrank']=nan must be > 0"),
     ({"keep_shape": [1.0]}, "keep_shape=[1.0] needs one positive number per level (depth 2)"),
-    ({"router_grid": 0}, "router_grid=0 must be an integer >= 1"),
+    ({"router_grid": 0}, "router_grid=0 is out of range"),
     ({"keep_shape": [1.0, 0.0]}, "keep_shape=[1.0, 0.0] needs one positive number per level"),
     ({"static_shape": "layers"}, "static_shape='layers': choose from ('uniform', 'tree')"),
     ({"static_shape": "tree", "methods": ["sigmab", "fpgm_nni"]}, "static_shape='tree' is for fpgm and hrank"),
