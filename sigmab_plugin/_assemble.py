@@ -14,7 +14,8 @@ from torch import nn
 
 from . import _split, _trace
 from ._forward import using_forward_fn
-from .routing import CosineRouter, NodeVariant, RoutedModule, TreeState, to_path_batchnorm
+from .router import CosineRouter
+from .routing import NodeVariant, RoutedModule, TreeState, to_path_batchnorm
 
 
 def classifier_layers(model: nn.Module, trace: _trace.Trace) -> List[str]:

@@ -19,7 +19,7 @@ from torch import nn
 from ._forward import run_model
 from ._progress import progress
 from ._trace import PARAM_LAYERS
-from .routing import CosineRouter, pool_features
+from .router import CosineRouter, pool_features
 
 
 class CalibDataError(ValueError):

@@ -18,7 +18,8 @@ from . import _calib
 from ._forward import run_model
 from .config import BranchConfig
 from .kmeans import spherical_kmeans
-from .routing import CosineRouter, RoutedModule
+from .router import CosineRouter
+from .routing import RoutedModule
 
 
 def fit_router(feats: torch.Tensor, cfg: BranchConfig, seed: int):

@@ -22,105 +22,14 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._modes import kept_train_flags
+from ._rows import cat_rows, feats, hard_groups, max_per_sample, put_rows, rows, soft_groups, top_k_rows
 from .pathbn import PathBatchNorm, PathBatchNorm1d, PathBatchNorm2d, to_path_batchnorm  # noqa: F401 (public here)
+from .router import CosineRouter, pool_features  # noqa: F401 (public here)
 
 ROUTING_MODES = ("hard", "soft", "auto")
-
-
-def pool_features(x, grid: int = 1) -> torch.Tensor:
-    """Per-sample feature vector at a split point: average pool for images, max pool for point sets
-    (a tuple between units, as in PointNet++, carries its features first). ``grid`` > 1 averages an
-    image feature map over a ``grid x grid`` layout of cells instead of the whole map
-    (``C * grid**2`` features, channel-major: where in the image a feature fires, not only how much)."""
-    x = feats(x)
-    if grid > 1 and x.ndim != 2:
-        if x.ndim != 4:
-            raise ValueError(f"router_grid={grid} pools image feature maps (B, C, H, W) over a grid; this split point "
-                             f"gives shape {tuple(x.shape)}: use router_grid=1")
-        return F.adaptive_avg_pool2d(x, grid).flatten(1)
-    if x.ndim == 4:
-        return x.mean(dim=(2, 3))
-    if x.ndim == 3:
-        return x.amax(dim=2)
-    if x.ndim == 2:
-        return x
-    raise ValueError(f"cannot pool a split-point output of shape {tuple(x.shape)}; expected (B,C[,N|H,W])")
-
-
-def feats(x):
-    """The feature tensor of what flows between units: the tensor itself, or a tuple's first element
-    (e.g. PointNet++ ``(features, xyz, neighbour indices...)``; every element shares the batch dim 0)."""
-    return x[0] if isinstance(x, tuple) else x
-
-
-def rows(x, idx):
-    """Rows ``idx`` (a tensor of indices or a slice) of a tensor or of every element of a tuple."""
-    if isinstance(x, tuple):
-        return tuple(rows(t, idx) for t in x)
-    if idx is None:
-        return x
-    return x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
-
-
-def cat_rows(parts: list):
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
-    return torch.cat(parts)
-
-
-def put_rows(y, order: torch.Tensor):
-    """Rows of ``y`` placed at positions ``order`` (undoes grouping by node)."""
-    if isinstance(y, tuple):
-        return tuple(put_rows(t, order) for t in y)
-    return torch.empty_like(y).index_copy(0, order, y)
-
-
-class CosineRouter(nn.Module):
-    """Two-way cosine classifier: ``logits = tau * cos(pool(x) - center, c_k) + b_k + balance_k``.
-
-    ``center`` (the node's mean calibration feature) and ``tau`` are buffers set by branch().
-    Centring matters: pooled post-ReLU features share one orthant, so uncentred cosines are all
-    close to 1 and a router on them is ill-conditioned. ``balance`` is a load-balancing offset that
-    is not trained by gradient: like BatchNorm's running statistics it is updated by training-mode
-    forwards (see :meth:`update_balance`), pulling each child's share of hard decisions to 1/2.
-    ``grid`` is how the router pools a feature map (:func:`pool_features`; ``BranchConfig.router_grid``).
-    """
-
-    def __init__(self, centroids: torch.Tensor, tau: float, bias: Optional[torch.Tensor] = None,
-                 center: Optional[torch.Tensor] = None, grid: int = 1):
-        super().__init__()
-        self.grid = int(grid)
-        self.centroids = nn.Parameter(centroids.detach().clone().float())
-        self.bias = nn.Parameter(torch.zeros(centroids.shape[0]) if bias is None else bias.detach().clone().float())
-        self.register_buffer("tau", torch.tensor(float(tau)))
-        dim = centroids.shape[1]
-        self.register_buffer("center", torch.zeros(dim) if center is None else center.detach().clone().float())
-        self.register_buffer("balance", torch.zeros(centroids.shape[0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # float32 whatever the model's dtype (half, bfloat16)
-        f = F.normalize(self.pool(x).float() - self.center.float(), dim=1)
-        c = F.normalize(self.centroids.float(), dim=1)
-        return self.tau.float() * f @ c.T + self.bias.float() + self.balance.float()
-
-    def pool(self, x) -> torch.Tensor:
-        """The router's input features of a split-point output (a pooled (B, D) tensor passes through)."""
-        return pool_features(x, self.grid)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.centroids.shape[1]}, grid={self.grid}"
-
-    @torch.no_grad()
-    def update_balance(self, choice: torch.Tensor, rate: float) -> None:
-        """Move ``balance`` toward equal shares of the hard ``choice`` (0/1 per row) of one batch."""
-        if choice.numel() == 0 or rate <= 0:
-            return
-        share1 = choice.float().mean()
-        step = rate * (share1 - 0.5)  # too many to child 1: favour child 0
-        self.balance.add_(torch.stack([step, -step]).to(self.balance.dtype))
 
 
 class NodeVariant(nn.Module):
@@ -307,7 +216,7 @@ class RoutedModule(nn.Module):
             else:
                 node.index_copy_(0, idx, 2 * parent + choice)
         ctx.node = node
-        ctx.groups = _hard_groups(node, len(self.variants))
+        ctx.groups = hard_groups(node, len(self.variants))
 
     def _run_hard(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
         if len(ctx.groups) == 1:
@@ -357,12 +266,12 @@ class RoutedModule(nn.Module):
     # ----- soft routing: one row per (path, sample), grouped by node ------------------------------
     def _route_soft(self, x, ctx: _Context, state: TreeState) -> torch.Tensor:
         parts, nodes, samples, weights = [], [], [], []
-        for parent, idx in _soft_groups(ctx.node, len(self.routers)):
+        for parent, idx in soft_groups(ctx.node, len(self.routers)):
             xs = rows(x, idx)
             logits = self._logits(parent, xs, ctx, idx, state)
             p = torch.softmax(logits / state.temperature, dim=1)
             if self.training and state.balance_rate > 0:
-                greedy = ctx.weight[idx] >= _max_per_sample(ctx.weight, ctx.sample, ctx.batch)[ctx.sample[idx]]
+                greedy = ctx.weight[idx] >= max_per_sample(ctx.weight, ctx.sample, ctx.batch)[ctx.sample[idx]]
                 self.routers[parent].update_balance(logits[greedy].argmax(1), state.balance_rate)
             for c in (0, 1):
                 parts.append(xs)
@@ -370,7 +279,7 @@ class RoutedModule(nn.Module):
                 samples.append(ctx.sample[idx])
                 weights.append(ctx.weight[idx] * p[:, c])
         node, sample, weight = torch.cat(nodes), torch.cat(samples), torch.cat(weights)
-        keep = _top_k_rows(weight.detach(), sample, ctx.batch, state.top_k)
+        keep = top_k_rows(weight.detach(), sample, ctx.batch, state.top_k)
         order = torch.argsort(node if keep is None else node[keep], stable=True)
         if keep is not None:
             order = keep[order]
@@ -378,7 +287,7 @@ class RoutedModule(nn.Module):
         return rows(cat_rows(parts), order)
 
     def _run_soft(self, x: torch.Tensor, ctx: _Context, state: TreeState) -> torch.Tensor:
-        groups = _soft_groups(ctx.node, len(self.variants))
+        groups = soft_groups(ctx.node, len(self.variants))
         use_w = state.bn_weighting and self.training
         outs = [self._run(n, rows(x, idx), ctx.weight[idx] if use_w else None) for n, idx in groups]
         return outs[0] if len(outs) == 1 else cat_rows(outs)
@@ -428,36 +337,6 @@ def _check_continuation(ctx: _Context, x: torch.Tensor) -> None:
                        "later units) on the unchanged output of forward_features, or run the whole model")
 
 
-def _hard_groups(node: torch.Tensor, n_nodes: int):
-    """[(node, row index tensor)] for each node present; a single node gets ``None`` (all rows)."""
-    if node.numel() == 0:
-        return []
-    if node.device.type == "meta":  # shapes only: every row through node 0
-        return [(0, None)]
-    present = torch.unique(node).tolist()
-    if len(present) == 1:
-        return [(present[0], None)]
-    order = torch.argsort(node, stable=True)
-    counts = torch.bincount(node, minlength=n_nodes).tolist()
-    out, start = [], 0
-    for n, c in enumerate(counts):
-        if c:
-            out.append((n, order[start:start + c]))
-            start += c
-    return out
-
-
-def _soft_groups(node: torch.Tensor, n_nodes: int):
-    """(node id, row slice) for each node present, in node order; rows are already grouped by node."""
-    counts = torch.bincount(node, minlength=n_nodes).tolist()
-    out, start = [], 0
-    for n, c in enumerate(counts):
-        if c:
-            out.append((n, slice(start, start + c)))
-            start += c
-    return out
-
-
 class _Recorded(Exception):
     """Ends the recording forward of :func:`route_on` after the last router."""
 
@@ -491,22 +370,6 @@ def route_on(model: nn.Module, x_route):
         yield model
     finally:
         state.route_source = None
-
-
-def _max_per_sample(weight: torch.Tensor, sample: torch.Tensor, batch: int) -> torch.Tensor:
-    return weight.detach().new_zeros(batch).scatter_reduce(0, sample, weight.detach(), "amax", include_self=False)
-
-
-def _top_k_rows(weight: torch.Tensor, sample: torch.Tensor, batch: int, k: Optional[int]) -> Optional[torch.Tensor]:
-    """Indices of the ``k`` most probable rows of every sample (None: keep all)."""
-    if k is None or weight.numel() <= k * batch:
-        return None
-    by_weight = torch.argsort(weight, descending=True, stable=True)
-    by_sample = by_weight[torch.argsort(sample[by_weight], stable=True)]
-    counts = torch.bincount(sample, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(by_sample), device=weight.device) - starts[sample[by_sample]]
-    return by_sample[rank < k]
 
 
 def _enter_forward(model: nn.Module, _args) -> None:

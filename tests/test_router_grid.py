@@ -11,7 +11,7 @@ import timm
 import torch
 
 import sigmab_plugin as sb
-from sigmab_plugin.routing import CosineRouter, pool_features
+from sigmab_plugin.router import CosineRouter, pool_features
 from conftest import images, make_model, masked_dense
 
 CALIB, X = images(96, seed=1), images(16, seed=2)
