@@ -174,13 +174,15 @@ _register_with_timm()
 
 
 def load_checkpoint(model: CifarResNet, path: Union[str, Path]) -> CifarResNet:
-    """Load akamaster's ``{'state_dict': {'module.…'}}`` or a plain state dict, strictly (weights_only)."""
+    """Load akamaster's ``{'state_dict': {'module.…'}}``, a plain state dict, or a training checkpoint of
+    :func:`sigmab_plugin.finetune` (its weights under ``'model'``, e.g. the harness's pretraining step),
+    strictly (weights_only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; the public CIFAR ResNet weights are expected "
                                 "there (see ../shared/data/README.md)")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    state = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds {type(raw).__name__}, not a state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -52,7 +52,7 @@ class HarnessConfig:
     # static methods: "uniform" prunes every layer by one ratio (their published form); "tree" gives them the
     # SigmaB tree's allocation (the backbone's layers whole, each level's layers in the tree's keep proportion)
     static_shape: str = "uniform"
-    pretrain_epochs: int = 0  # train the dense reference from scratch first
+    pretrain_epochs: int = 0  # train the dense reference first (from the checkpoint if given, else from scratch)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 0.5} for PointNet++
     pretrain_lr: float = 0.1
@@ -136,7 +136,8 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     out.mkdir(parents=True, exist_ok=True)  # after the inputs were accepted: a refused run leaves no folder
     augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: pad-4 crop
     if cfg.pretrain_epochs:
-        log(f"training the dense reference from scratch: {cfg.pretrain_epochs} epochs")
+        log(f"training the dense reference first: {cfg.pretrain_epochs} epochs "
+            f"({'from ' + str(cfg.checkpoint) if cfg.checkpoint else 'from scratch'})")
         pre = FinetuneConfig(**{**ft.to_dict(), "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr})
         finetune(dense, train.images, train.labels, data.normalize, pre, out_dir=out / "pretrain", augment=augment,
                  resume=cfg.resume)

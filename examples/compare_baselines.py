@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
                          "tree's allocation (tree: the backbone whole, each level in the tree's keep proportion)")
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="keep ratios: one comparison per budget")
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
-    ap.add_argument("--pretrain-epochs", type=int, default=None, help="train dense from scratch first (digits: 12)")
+    ap.add_argument("--pretrain-epochs", type=int, default=None,
+                    help="train the dense model first: from --checkpoint when given, else from scratch (digits: 12)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     d = FinetuneConfig()

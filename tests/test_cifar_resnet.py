@@ -6,6 +6,7 @@ import torch
 
 import sigmab_plugin as sb
 from sigmab_plugin.adapters.cifar_resnet import CifarResNet, cifar_resnet, load_checkpoint
+from sigmab_plugin.finetune import FinetuneConfig, finetune
 
 CHECKPOINTS = [(20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th"), (44, "resnet44-014dd654.th"),
                (56, "resnet56-4bfd9763.th")]
@@ -81,3 +82,20 @@ def test_pad_shortcut_pruner_keeps_the_channel_map():
     masked[:, 3] = 0
     assert torch.equal(pad(x[:, [0, 2, 3]]), masked[:, keep_out])
     assert isinstance(pruner, tp.pruner.function.BasePruningFunc)
+
+
+def test_training_checkpoint_reloads(tmp_path):
+    """The checkpoint finetune() writes (the harness's pretraining step: weights under 'model') loads as
+    --checkpoint of a later run, with the trained weights, not refused as a foreign state dict."""
+    torch.manual_seed(0)
+    model = CifarResNet(20, 10, "B")
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (16,))
+    finetune(model, images, labels, lambda x: x.float() / 255,
+             FinetuneConfig(epochs=1, batch_size=8, lr=0.05), out_dir=tmp_path)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "model" in ck and "optimizer" in ck
+    fresh = load_checkpoint(CifarResNet(20, 10, "B"), tmp_path / "checkpoint.pt").eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(fresh(x), model.eval()(x))
+    assert not torch.equal(fresh(x), CifarResNet(20, 10, "B").eval()(x))  # the trained weights, not an init
