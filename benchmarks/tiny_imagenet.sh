@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Tiny-ImageNet-100 at 32x32 from a pretrained 100-class network (issue 6's "Tiny-ImageNet-100 once"),
+# behind benchmarks/results/tiny_imagenet.{md,json,png}. Resumable: every step checkpoints each epoch.
+#   adapt:   the CIFAR-100 ResNet-56 (option B, ../shared/weights/cifar100_resnet56-f2eff4c8.pt) trained
+#            PRE_EPOCHS epochs on Tiny-ImageNet-100's 50,000 training images (the harness's pretraining
+#            step: SGD lr 0.1 cosine, no distillation); its head starts from CIFAR-100's classes;
+#   compare: from that dense model, SigmaB (depth 2), FPGM and HRank at active fraction 0.40 with the same
+#            fine-tuning (EPOCHS epochs, lr 0.01, distillation from the dense model);
+#   split:   FPGM given the tree's split of the budget (--static-shape tree), the strongest static
+#            variant on CIFAR-10 (benchmarks/results/long_comparison.md);
+#   dense:   the dense model fine-tuned the same way (the report's "vs dense" reference);
+#   report:  benchmarks/results/tiny_imagenet.{md,json,png}.
+#   bash benchmarks/tiny_imagenet.sh [adapt|compare|split|dense|report ...]  (default: all, in that order)
+#   PRE_EPOCHS=2 EPOCHS=2 FRACTION=0.40 SEED=0; OUT moves the run folder.
+# On 2 CPU cores a ResNet-56 epoch over 50,000 images takes about 6.5 minutes dense, 10 as a tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/tiny_imagenet}
+FRACTION=${FRACTION:-0.40}
+SEED=${SEED:-0}
+common=(--quiet --resume --data tiny-imagenet-100-32 --model resnet56 --shortcut B --batch-size 64 --calib-size 512
+        --seed "$SEED")
+dense_ckpt=$OUT/adapt/pretrain/checkpoint.pt
+
+adapt() {
+  $PY examples/compare_baselines.py "${common[@]}" --checkpoint ../shared/weights/cifar100_resnet56-f2eff4c8.pt \
+    --methods dense --epochs 0 --pretrain-epochs "${PRE_EPOCHS:-2}" --out "$OUT/adapt"
+}
+
+tuned() {  # folder methods... [options]: one fine-tuning run from the adapted dense model
+  local folder=$1
+  shift
+  [ -f "$dense_ckpt" ] || { echo "no adapted dense model at $dense_ckpt: run the adapt step first" >&2; exit 2; }
+  $PY examples/compare_baselines.py "${common[@]}" --checkpoint "$dense_ckpt" --epochs "${EPOCHS:-2}" --lr 0.01 \
+    --target-fraction "$FRACTION" --out "$OUT/runs/$folder" --methods "$@"
+}
+
+compare() { tuned "resnet56_f${FRACTION}_s${SEED}" sigmab fpgm hrank; }
+split() { tuned "resnet56_f${FRACTION}_s${SEED}_treealloc" fpgm --static-shape tree; }
+dense() { tuned "resnet56_f${FRACTION}_s${SEED}" dense; }
+
+report() {  # rows of runs whose folders are gone come from the committed report
+  local prior=()
+  [ -f benchmarks/results/tiny_imagenet.json ] && prior=(--prior benchmarks/results/tiny_imagenet.json)
+  $PY -m benchmarks.report_long "$OUT/runs" benchmarks/results tiny_imagenet benchmarks/tiny_imagenet.sh 3 "${prior[@]}"
+}
+
+# exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
+for part in ${@:-adapt compare split dense report}; do "$part"; done; exit

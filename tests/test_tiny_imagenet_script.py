@@ -1,0 +1,54 @@
+"""benchmarks/tiny_imagenet.sh: every step and environment option reaches the commands it runs (PY=echo prints
+them), and a fine-tuning step without the adapted dense model is refused."""
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(steps, **env):
+    return subprocess.run(["bash", "benchmarks/tiny_imagenet.sh", *steps], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PY": "echo", **env})
+
+
+def commands(steps, **env) -> list:
+    out = run(steps, **env)
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def value(cmd: list, flag: str) -> list:
+    """The words after ``flag`` up to the next option."""
+    i = cmd.index(flag) + 1
+    j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
+    return cmd[i:j]
+
+
+def test_adapt_trains_the_cifar100_network_on_tiny_imagenet(tmp_path):
+    (cmd,) = commands(["adapt"], OUT=str(tmp_path), PRE_EPOCHS="3")
+    assert value(cmd, "--checkpoint") == ["../shared/weights/cifar100_resnet56-f2eff4c8.pt"]
+    assert value(cmd, "--pretrain-epochs") == ["3"] and value(cmd, "--epochs") == ["0"]
+    assert value(cmd, "--data") == ["tiny-imagenet-100-32"] and value(cmd, "--shortcut") == ["B"]
+    assert value(cmd, "--methods") == ["dense"] and value(cmd, "--out") == [f"{tmp_path}/adapt"]
+
+
+def test_every_step_fine_tunes_the_adapted_model(tmp_path):
+    ckpt = tmp_path / "adapt" / "pretrain" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    compare, split, dense = commands(["compare", "split", "dense"], OUT=str(tmp_path), EPOCHS="3", FRACTION="0.30",
+                                     SEED="1")
+    for cmd in (compare, split, dense):
+        assert value(cmd, "--checkpoint") == [str(ckpt)] and value(cmd, "--epochs") == ["3"]
+        assert value(cmd, "--target-fraction") == ["0.30"] and value(cmd, "--seed") == ["1"]
+    assert value(compare, "--methods") == ["sigmab", "fpgm", "hrank"] and "--static-shape" not in compare
+    assert value(split, "--methods") == ["fpgm"] and value(split, "--static-shape") == ["tree"]
+    assert value(dense, "--methods") == ["dense"]
+    assert value(compare, "--out") == value(dense, "--out") == [f"{tmp_path}/runs/resnet56_f0.30_s1"]
+    assert value(split, "--out") == [f"{tmp_path}/runs/resnet56_f0.30_s1_treealloc"]
+
+
+def test_fine_tuning_without_the_adapted_model_is_refused(tmp_path):
+    out = run(["compare"], OUT=str(tmp_path))
+    assert out.returncode == 2 and "run the adapt step first" in out.stderr and not out.stdout
