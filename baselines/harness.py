@@ -88,6 +88,12 @@ class HarnessConfig:
         if self.keep_shape is not None:
             level_shape(self.keep_shape, self.depth)
         sb.BranchConfig(router_grid=self.router_grid)  # branch()'s own check, before anything trains
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={self.device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but this machine has no CUDA device: use device='cpu'")
         if self.static_shape not in STATIC_SHAPES:
             raise ValueError(f"static_shape={self.static_shape!r}: choose from {STATIC_SHAPES}")
         if self.static_shape != "uniform" and "fpgm_nni" in self.methods:  # refused before anything trains

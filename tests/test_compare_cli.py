@@ -220,10 +220,19 @@ def test_recipe_flags_reach_the_config():
     ({"keep_shape": [1.0, 0.0]}, "keep_shape=[1.0, 0.0] needs one positive number per level"),
     ({"static_shape": "layers"}, "static_shape='layers': choose from ('uniform', 'tree')"),
     ({"static_shape": "tree", "methods": ["sigmab", "fpgm_nni"]}, "static_shape='tree' is for fpgm and hrank"),
+    ({"device": "cpux"}, "device='cpux' is not a torch device"),
 ])
 def test_harness_config_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         HarnessConfig(**kwargs).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY + ["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and "device='cuda' but this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args,message", [
