@@ -56,6 +56,9 @@ class HarnessConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 0.5} for PointNet++
     pretrain_lr: float = 0.1
+    # zero the classifier before pretraining: a checkpoint trained on other classes (transfer, e.g. CIFAR-100 to
+    # Tiny-ImageNet-100) otherwise starts with confident wrong-class logits whose gradients wreck its features
+    reset_classifier: bool = False
     calib_size: int = 512
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -88,6 +91,11 @@ class HarnessConfig:
         if self.keep_shape is not None:
             level_shape(self.keep_shape, self.depth)
         sb.BranchConfig(router_grid=self.router_grid)  # branch()'s own check, before anything trains
+        if self.reset_classifier and not self.pretrain_epochs:
+            raise ValueError("reset_classifier=True zeroes the dense model's classifier before its pretraining, but "
+                             "pretrain_epochs=0: set pretrain_epochs (a zeroed classifier predicts nothing)")
+        if not self.pretrain_lr > 0:
+            raise ValueError(f"pretrain_lr={self.pretrain_lr} must be > 0 (e.g. 0.02 from a checkpoint, 0.1 from scratch)")
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
@@ -143,7 +151,14 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     augment = getattr(data, "augment", None)  # point clouds: their own augmentation; images: pad-4 crop
     if cfg.pretrain_epochs:
         log(f"training the dense reference first: {cfg.pretrain_epochs} epochs "
-            f"({'from ' + str(cfg.checkpoint) if cfg.checkpoint else 'from scratch'})")
+            f"({'from ' + str(cfg.checkpoint) if cfg.checkpoint else 'from scratch'}, lr {cfg.pretrain_lr:g}"
+            f"{', classifier zeroed' if cfg.reset_classifier else ''})")
+        if cfg.reset_classifier:
+            head = dense.get_submodule(classifier_name(dense))
+            with torch.no_grad():
+                head.weight.zero_()
+                if head.bias is not None:
+                    head.bias.zero_()
         pre = FinetuneConfig(**{**ft.to_dict(), "epochs": cfg.pretrain_epochs, "lr": cfg.pretrain_lr})
         finetune(dense, train.images, train.labels, data.normalize, pre, out_dir=out / "pretrain", augment=augment,
                  resume=cfg.resume)

@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 4; digits 6)")
     ap.add_argument("--pretrain-epochs", type=int, default=None,
                     help="train the dense model first: from --checkpoint when given, else from scratch (digits: 12)")
+    ap.add_argument("--pretrain-lr", type=float, default=None,
+                    help="learning rate of that training (default 0.1; digits 0.05); from a checkpoint, e.g. 0.02")
+    ap.add_argument("--reset-classifier", action="store_true",
+                    help="zero the checkpoint's classifier before --pretrain-epochs (transfer to other classes)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     d = FinetuneConfig()
@@ -139,7 +143,8 @@ def parse(argv=None) -> tuple:
                         router_grid=a.router_grid,
                         target_fraction=a.target_fraction, keep_shape=a.keep_shape, static_shape=a.static_shape,
                         pretrain_epochs=pre,
-                        finetune=ft, pretrain_lr=0.05 if digits else 0.1, calib_size=a.calib_size,
+                        finetune=ft, pretrain_lr=a.pretrain_lr if a.pretrain_lr is not None else (0.05 if digits else 0.1),
+                        reset_classifier=a.reset_classifier, calib_size=a.calib_size,
                         train_limit=a.train_limit, test_limit=a.test_limit, seed=a.seed, out_dir=a.out,
                         resume=a.resume, calibrate_routing=a.calibrate_routing, reconstruct=a.reconstruct,
                         reconstruct_ridge=ridge, reconstruct_ridges=ridges, device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),

@@ -95,6 +95,27 @@ def test_a_dense_only_run_builds_no_tree_for_a_budget(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["dense"] and (tmp_path / "pretrain" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_pretraining_takes_its_lr_and_zeroes_the_classifier_when_asked(tmp_path, monkeypatch, reset):
+    """--pretrain-lr reaches the pretraining's optimiser and --reset-classifier zeroes the checkpoint's classifier
+    before it (transfer to other classes); without the flag the checkpoint's classifier trains as loaded."""
+    from sigmab_plugin.baselines import harness
+    ckpt = tmp_path / "dense.pt"
+    torch.save(create_model("resnet20", 10, None, "B").state_dict(), ckpt)
+    seen = []
+
+    def spy(model, *a, **k):
+        head = model.get_classifier()
+        seen.append((a[3].lr, a[3].epochs, head.weight.abs().sum().item(), head.bias.abs().sum().item()))
+        return []
+    monkeypatch.setattr(harness, "finetune", spy)
+    cli.main(TINY + ["--methods", "dense", "--epochs", "0", "--checkpoint", str(ckpt), "--pretrain-lr", "0.02",
+                     "--out", str(tmp_path / "run")] + (["--reset-classifier"] if reset else []))
+    (lr, epochs, weight, bias), = seen[:1]
+    assert lr == 0.02 and epochs == 1
+    assert (weight == 0 and bias == 0) if reset else weight > 0
+
+
 def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path, monkeypatch):
     from sigmab_plugin.baselines import harness
 
@@ -221,6 +242,9 @@ def test_recipe_flags_reach_the_config():
     ({"static_shape": "layers"}, "static_shape='layers': choose from ('uniform', 'tree')"),
     ({"static_shape": "tree", "methods": ["sigmab", "fpgm_nni"]}, "static_shape='tree' is for fpgm and hrank"),
     ({"device": "cpux"}, "device='cpux' is not a torch device"),
+    ({"reset_classifier": True}, "reset_classifier=True zeroes the dense model's classifier before its pretraining, "
+                                 "but pretrain_epochs=0"),
+    ({"pretrain_lr": 0.0, "pretrain_epochs": 1}, "pretrain_lr=0.0 must be > 0"),
 ])
 def test_harness_config_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -314,6 +338,8 @@ EVERY_FLAG = {
     "router_grid": (["--router-grid", "2"], "router_grid"),
     "static_shape": (["--static-shape", "tree"], "static_shape"),
     "epochs": (["--epochs", "2"], "finetune.epochs"), "pretrain_epochs": (["--pretrain-epochs", "3"], "pretrain_epochs"),
+    "pretrain_lr": (["--pretrain-lr", "0.02"], "pretrain_lr"),
+    "reset_classifier": (["--reset-classifier", "--pretrain-epochs", "1"], "reset_classifier"),
     "lr": (["--lr", "0.05"], "finetune.lr"), "batch_size": (["--batch-size", "32"], "finetune.batch_size"),
     "distill": (["--distill", "0.5"], "finetune.distill_weight"),
     "distill_paths": (["--distill-paths", "weighted"], "finetune.distill_paths"),

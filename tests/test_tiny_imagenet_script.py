@@ -26,9 +26,12 @@ def value(cmd: list, flag: str) -> list:
 
 
 def test_adapt_trains_the_cifar100_network_on_tiny_imagenet(tmp_path):
-    (cmd,) = commands(["adapt"], OUT=str(tmp_path), PRE_EPOCHS="3")
+    (cmd,) = commands(["adapt"], OUT=str(tmp_path), PRE_EPOCHS="3", PRE_LR="0.05")
     assert value(cmd, "--checkpoint") == ["../shared/weights/cifar100_resnet56-f2eff4c8.pt"]
     assert value(cmd, "--pretrain-epochs") == ["3"] and value(cmd, "--epochs") == ["0"]
+    assert value(cmd, "--pretrain-lr") == ["0.05"] and "--reset-classifier" in cmd  # CIFAR-100's head, not these classes
+    (default,) = commands(["adapt"], OUT=str(tmp_path))
+    assert value(default, "--pretrain-lr") == ["0.02"] and value(default, "--pretrain-epochs") == ["2"]
     assert value(cmd, "--data") == ["tiny-imagenet-100-32"] and value(cmd, "--shortcut") == ["B"]
     assert value(cmd, "--methods") == ["dense"] and value(cmd, "--out") == [f"{tmp_path}/adapt"]
 
@@ -42,6 +45,8 @@ def test_every_step_fine_tunes_the_adapted_model(tmp_path):
     for cmd in (compare, split, dense):
         assert value(cmd, "--checkpoint") == [str(ckpt)] and value(cmd, "--epochs") == ["3"]
         assert value(cmd, "--target-fraction") == ["0.30"] and value(cmd, "--seed") == ["1"]
+    (default,) = commands(["compare"], OUT=str(tmp_path))
+    assert value(default, "--epochs") == ["1"] and value(default, "--target-fraction") == ["0.40"]
     assert value(compare, "--methods") == ["sigmab", "fpgm", "hrank"] and "--static-shape" not in compare
     assert value(split, "--methods") == ["fpgm"] and value(split, "--static-shape") == ["tree"]
     assert value(dense, "--methods") == ["dense"]
