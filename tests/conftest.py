@@ -129,3 +129,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (real data and weights) is not present")
     return SHARED
+
+
+def option_value(cmd: list, flag: str) -> list:
+    """The words after ``flag`` in a printed command line (split on spaces) up to the next option."""
+    i = cmd.index(flag) + 1
+    j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
+    return cmd[i:j]

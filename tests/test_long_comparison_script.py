@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import option_value as value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,13 +14,6 @@ def commands(**env) -> list:
                          env={**os.environ, "PY": "echo", **env})
     assert out.returncode == 0, out.stderr
     return [line.split() for line in out.stdout.splitlines()]
-
-
-def value(cmd: list, flag: str) -> list:
-    """The words after ``flag`` up to the next option."""
-    i = cmd.index(flag) + 1
-    j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
-    return cmd[i:j]
 
 
 def test_plain_run_covers_every_budget_without_a_refit():

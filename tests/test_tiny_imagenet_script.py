@@ -4,6 +4,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from conftest import option_value as value
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,13 +18,6 @@ def commands(steps, **env) -> list:
     out = run(steps, **env)
     assert out.returncode == 0, out.stderr
     return [line.split() for line in out.stdout.splitlines()]
-
-
-def value(cmd: list, flag: str) -> list:
-    """The words after ``flag`` up to the next option."""
-    i = cmd.index(flag) + 1
-    j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
-    return cmd[i:j]
 
 
 def test_adapt_trains_the_cifar100_network_on_tiny_imagenet(tmp_path):
