@@ -42,6 +42,7 @@ CHANGES = {
     "pretrain_epochs": (1, {}, "finetune"),
     "finetune": (FinetuneConfig(epochs=0, batch_size=32, progress=False, lr=0.5), {}, "finetune"),
     "pretrain_lr": (0.5, {"pretrain_epochs": 1}, "finetune"),
+    "reset_classifier": (True, {"pretrain_epochs": 1}, "finetune"),
     "calib_size": (40, {}, "calibration_set"),
     "train_limit": (64, {}, "finetune"),
     "test_limit": (32, {}, "rows"),
