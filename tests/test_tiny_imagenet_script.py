@@ -52,3 +52,13 @@ def test_every_step_fine_tunes_the_adapted_model(tmp_path):
 def test_fine_tuning_without_the_adapted_model_is_refused(tmp_path):
     out = run(["compare"], OUT=str(tmp_path))
     assert out.returncode == 2 and "run the adapt step first" in out.stderr and not out.stdout
+
+
+def test_methods_and_an_adapted_model_from_another_run(tmp_path):
+    ckpt = tmp_path / "elsewhere.pt"
+    ckpt.write_bytes(b"")
+    (cmd,) = commands(["compare"], OUT=str(tmp_path / "e3"), DENSE=str(ckpt), METHODS="sigmab fpgm")
+    assert value(cmd, "--methods") == ["sigmab", "fpgm"] and value(cmd, "--checkpoint") == [str(ckpt)]
+    assert value(cmd, "--out") == [f"{tmp_path}/e3/runs/resnet56_f0.40_s0"]
+    out = run(["dense"], OUT=str(tmp_path), DENSE=str(tmp_path / "missing.pt"))
+    assert out.returncode == 2 and f"{tmp_path}/missing.pt" in out.stderr and not out.stdout
