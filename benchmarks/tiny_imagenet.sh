@@ -12,7 +12,8 @@
 #   split:   FPGM given the tree's split of the budget (--static-shape tree), the strongest static
 #            variant on CIFAR-10 (benchmarks/results/long_comparison.md);
 #   dense:   the dense model fine-tuned the same way (the report's "vs dense" reference);
-#   report:  benchmarks/results/tiny_imagenet.{md,json,png}.
+#   report:  benchmarks/results/tiny_imagenet.{md,json,png} (EPOCHS other than 1: tiny_imagenet_e<EPOCHS>.*, so
+#            runs of different lengths are never averaged).
 #   bash benchmarks/tiny_imagenet.sh [adapt|compare|split|dense|report ...]  (default: all, in that order)
 #   PRE_EPOCHS=2 PRE_LR=0.02 EPOCHS=1 FRACTION=0.40 SEED=0 are the defaults; OUT moves the run folder.
 #   METHODS picks compare's methods (default "sigmab fpgm hrank"); DENSE fine-tunes an adapted model made by another
@@ -49,10 +50,11 @@ compare() { tuned "resnet56_f${FRACTION}_s${SEED}" ${METHODS:-sigmab fpgm hrank}
 split() { tuned "resnet56_f${FRACTION}_s${SEED}_treealloc" fpgm --static-shape tree; }
 dense() { tuned "resnet56_f${FRACTION}_s${SEED}" dense; }
 
-report() {  # rows of runs whose folders are gone come from the committed report
-  local prior=()
-  [ -f benchmarks/results/tiny_imagenet.json ] && prior=(--prior benchmarks/results/tiny_imagenet.json)
-  $PY -m benchmarks.report_long "$OUT/runs" benchmarks/results tiny_imagenet benchmarks/tiny_imagenet.sh 3 "${prior[@]}"
+report() {  # rows of runs whose folders are gone come from the committed report; one report per epoch count
+  local stem=tiny_imagenet prior=()
+  [ "${EPOCHS:-1}" = 1 ] || stem=tiny_imagenet_e$EPOCHS
+  [ -f "benchmarks/results/$stem.json" ] && prior=(--prior "benchmarks/results/$stem.json")
+  $PY -m benchmarks.report_long "$OUT/runs" benchmarks/results "$stem" benchmarks/tiny_imagenet.sh 3 "${prior[@]}"
 }
 
 # exit on the line bash has already read: an edit to this file during a long run cannot run stray lines

@@ -1,4 +1,5 @@
-"""Routed execution of a SigmaB tree: cosine routers, per-node variants, hard and soft routing.
+"""Routed execution of a SigmaB tree: per-node variants, hard and soft routing (the cosine routers they call
+are in :mod:`sigmab_plugin.router`, the row bookkeeping in ``_rows``).
 
 Each routed unit replaces one module of the dense model and holds that module's pruned copy for
 every node of its level. The first unit of level 1 runs the root router; the first unit of every

@@ -62,3 +62,10 @@ def test_methods_and_an_adapted_model_from_another_run(tmp_path):
     assert value(cmd, "--out") == [f"{tmp_path}/e3/runs/resnet56_f0.40_s0"]
     out = run(["dense"], OUT=str(tmp_path), DENSE=str(tmp_path / "missing.pt"))
     assert out.returncode == 2 and f"{tmp_path}/missing.pt" in out.stderr and not out.stdout
+
+
+def test_each_epoch_count_reports_to_its_own_file(tmp_path):
+    (one,) = commands(["report"], OUT=str(tmp_path))
+    (three,) = commands(["report"], OUT=str(tmp_path), EPOCHS="3")
+    assert one[:5] == ["-m", "benchmarks.report_long", f"{tmp_path}/runs", "benchmarks/results", "tiny_imagenet"]
+    assert three[4] == "tiny_imagenet_e3" and "benchmarks/results/tiny_imagenet.json" not in three
