@@ -138,6 +138,11 @@ VARIANTS = {
                     dict(balance_weight=2.0, seed=1), True),
     "aw_grid4": ("sigmab", {"coverage": False, "channel_score": "activation_weight", "router_grid": 4},
                  dict(balance_weight=2.0), True),
+    # each node's layers at lr x (nodes of its level): a leaf gets ~1/4 of a static layer's gradient under SGD
+    "aw_nodelr": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
+                  dict(balance_weight=2.0, node_lr_scale=True), True),
+    "aw_nodelr_s1": ("sigmab", {"coverage": False, "channel_score": "activation_weight"},
+                     dict(balance_weight=2.0, node_lr_scale=True, seed=1), True),
     "fpgm": ("fpgm", {}, {}, False),
     "fpgm_kd": ("fpgm", {}, {}, True),
     "fpgm_kd_recon": ("fpgm", {}, dict(reconstruct={}), True),

@@ -29,7 +29,7 @@ STATIC = ("fpgm", "hrank")
 # the tree's training recipe: a row that departs from the default is its own variant, named by the change
 TREE_RECIPE = ("objective", "balance_weight", "balance_rate", "decisive_weight", "distill_paths", "top_k",
                "bn_weighting", "hard_epochs", "temperature_start", "temperature_end", "bn_mode",
-               "bn_recalibration_batches", "route_inputs")
+               "bn_recalibration_batches", "route_inputs", "node_lr_scale")
 # the part of the recipe that changes every method's training (a static model's BatchNorm freezes under 'frozen')
 EVERY_RECIPE = ("bn_mode",)
 

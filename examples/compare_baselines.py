@@ -90,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--route-inputs", default=d.route_inputs, choices=ROUTE_INPUTS,
                     help="SigmaB: what the routers decide on in training: each sample's augmented input, or its "
                          "'clean' (unaugmented) one, as in deployment, while the leaves train on the augmented one")
+    ap.add_argument("--node-lr-scale", action=argparse.BooleanOptionalAction, default=d.node_lr_scale,
+                    help="SigmaB: each node's layers train at lr times the nodes of its level (weight decay divided "
+                         "by it), so a leaf, which gets about 1/leaves of a static layer's gradient, moves as far "
+                         "per step")
     ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
     ap.add_argument("--calibrate-routing", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB: after fine-tuning, shift the routers' thresholds so hard routing gives each leaf "
@@ -135,6 +139,7 @@ def parse(argv=None) -> tuple:
                         decisive_weight=a.decisive_weight,
                         bn_weighting=a.bn_weighting, bn_mode=a.bn_mode,
                         bn_recalibration_batches=a.bn_recalibration_batches, route_inputs=a.route_inputs,
+                        node_lr_scale=a.node_lr_scale,
                         hard_epochs=min(a.hard_epochs, epochs),
                         progress=not a.quiet)
     cfg = HarnessConfig(model=a.model, data=a.data, data_root=a.data_root, checkpoint=a.checkpoint,

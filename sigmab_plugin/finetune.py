@@ -29,7 +29,7 @@ from ._modes import kept_train_flags
 from ._progress import progress
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, _number, training_loss
-from .routing import forward_leaf, is_branched, route_on, set_routing, tree_state
+from .routing import RoutedModule, forward_leaf, is_branched, route_on, set_routing, tree_state
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -70,6 +70,11 @@ class FinetuneConfig:
     route_inputs: str = field(default="augmented", metadata={
         "help": "what a tree's routers decide on in training: each sample's 'augmented' input, or its 'clean' "
                 "(unaugmented) one, as in deployment (in-memory data; see sigmab_plugin.route_on)"})
+    node_lr_scale: bool = field(default=False, metadata={
+        "help": "a tree: each node's layers train at lr times the number of nodes of its level (weight decay divided "
+                "by it, so lr * decay is unchanged). A node's gradient comes from its share of the samples (the "
+                "expected loss) or is averaged over all paths (distillation), about 1/nodes of a static layer's, "
+                "so under SGD a leaf's weights otherwise move about 1/leaves as far per step"})
     amp: Optional[str] = field(default=None, metadata={"help": "autocast dtype: None, 'bf16' or 'fp16'"})
     seed: int = 0
     eval_batch_size: int = 256
@@ -85,7 +90,7 @@ class FinetuneConfig:
         _number("FinetuneConfig.lr", self.lr, 0, lo_open=True)
         for name in ("momentum", "weight_decay", "balance_rate"):
             _number(f"FinetuneConfig.{name}", getattr(self, name), 0)
-        for name in ("augment", "flip", "bn_weighting", "progress"):
+        for name in ("augment", "flip", "bn_weighting", "node_lr_scale", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"FinetuneConfig.{name}={getattr(self, name)!r} must be True or False")
         if self.bn_mode not in BN_MODES:
@@ -376,14 +381,28 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
 _RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
 
 
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:
+    """The SGD parameter groups of ``model``'s trainable parameters: one at ``cfg.lr``, or, with
+    ``cfg.node_lr_scale`` and a tree, one per level of nodes at ``lr * nodes`` and ``weight_decay / nodes``
+    (the shared layers and the routers keep ``lr``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not (cfg.node_lr_scale and is_branched(model)):
+        return [{"params": params}]
+    nodes = {id(p): len(m.variants) for m in model.modules() if isinstance(m, RoutedModule)
+             for v in m.variants for p in v.parameters()}
+    by_scale: Dict[int, list] = {}
+    for p in params:
+        by_scale.setdefault(nodes.get(id(p), 1), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * k, "weight_decay": cfg.weight_decay / k} for k, ps in sorted(by_scale.items())]
+
+
 def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics,
               on_epoch, augment):
     device = next(model.parameters()).device
     branched = is_branched(model)
     saved_routing = tree_state(model).settings() if branched else None
     flags = [(m, m.training) for m in model.modules()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, _batches(data, cfg, torch.Generator())[1])  # this rank's share
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None

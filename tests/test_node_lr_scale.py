@@ -1,0 +1,72 @@
+"""FinetuneConfig.node_lr_scale: a tree's node layers train at lr x (nodes of their level), weight decay divided by
+the same; shared layers and routers keep lr. Checked on the optimizer's groups and on one SGD step's update."""
+import copy
+
+import pytest
+import torch
+
+import sigmab_plugin as sb
+import sigmab_plugin.finetune as ft
+from sigmab_plugin.finetune import FinetuneConfig, param_groups
+from sigmab_plugin.routing import RoutedModule
+from conftest import images, make_model
+
+
+@pytest.fixture(scope="module")
+def tree():
+    tree = sb.branch(make_model("cifar_resnet_b"), depth=2, calib_data=images(64, seed=1), keep_ratio=0.5,
+                     progress=False)  # in place
+    return tree, make_model("cifar_resnet_b")
+
+
+def _level_of(model) -> dict:
+    """Independent of param_groups: parameter name -> number of nodes of its level (1: shared or router)."""
+    out = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, RoutedModule):
+            for i, v in enumerate(m.variants):
+                for pname, _ in v.named_parameters():
+                    out[f"{mname}.variants.{i}.{pname}" if mname else f"variants.{i}.{pname}"] = len(m.variants)
+    return {n: out.get(n, 1) for n, _ in model.named_parameters()}
+
+
+def test_groups_scale_lr_and_decay_by_nodes_per_level(tree):
+    model, dense = tree
+    cfg = FinetuneConfig(lr=0.02, weight_decay=4e-4, node_lr_scale=True)
+    groups = param_groups(model, cfg)
+    levels = _level_of(model)
+    assert sorted(set(levels.values())) == [1, 2, 4]  # shared + routers, level 1, the leaves
+    name = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for g in groups:
+        k = {levels[name[id(p)]] for p in g["params"]}
+        assert len(k) == 1, "a group mixes levels"
+        (k,) = k
+        assert g["lr"] == pytest.approx(0.02 * k) and g["weight_decay"] == pytest.approx(4e-4 / k)
+        seen += [name[id(p)] for p in g["params"]]
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(seen) == len(set(seen))
+    plain = param_groups(model, FinetuneConfig(lr=0.02))
+    assert len(plain) == 1 and "lr" not in plain[0]  # the optimizer's own lr
+    assert len(param_groups(dense, cfg)) == 1  # no tree: nothing to scale
+
+
+def test_one_step_moves_each_node_by_its_scale(tree):
+    model, _ = tree
+    x = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    y = torch.arange(16) % 10
+    base = dict(epochs=1, batch_size=16, lr=0.05, momentum=0.0, weight_decay=0.0, augment=False, flip=False,
+                progress=False)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = {}
+    for scale in (False, True):
+        m = copy.deepcopy(model)
+        ft.finetune(m, x, y, lambda t: t.float() / 255 - 0.5, FinetuneConfig(**base, node_lr_scale=scale))
+        moved[scale] = {n: p.detach() - start[n] for n, p in m.named_parameters()}
+    levels = _level_of(model)
+    checked = set()
+    for n, k in levels.items():
+        if moved[False][n].abs().max() > 0:
+            torch.testing.assert_close(moved[True][n], k * moved[False][n], rtol=1e-4, atol=1e-6)
+            checked.add(k)
+    assert checked == {1, 2, 4}
