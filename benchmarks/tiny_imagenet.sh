@@ -20,6 +20,8 @@
 #   run (default $OUT/adapt/pretrain/checkpoint.pt), e.g. a longer run in its own OUT without adapting again:
 #   EPOCHS=3 OUT=runs/tiny_imagenet_e3 DENSE=runs/tiny_imagenet/adapt/pretrain/checkpoint.pt METHODS="sigmab fpgm" \
 #     bash benchmarks/tiny_imagenet.sh compare report
+#   EXTRA adds compare_baselines.py options to compare, in the run folder suffixed by TAG (required with EXTRA), e.g.
+#   METHODS=sigmab EXTRA=--node-lr-scale TAG=nodelr bash benchmarks/tiny_imagenet.sh compare report
 # On 2 CPU cores a ResNet-56 fine-tuning epoch over 50,000 images took 9 minutes for FPGM (92 images/s) and 16 as
 # a tree (53 images/s; tiny_imagenet.md).
 set -euo pipefail
@@ -46,7 +48,10 @@ tuned() {  # folder methods... [options]: one fine-tuning run from the adapted d
     --target-fraction "$FRACTION" --out "$OUT/runs/$folder" --methods "$@"
 }
 
-compare() { tuned "resnet56_f${FRACTION}_s${SEED}" ${METHODS:-sigmab fpgm hrank}; }
+compare() {  # EXTRA: more compare_baselines.py options, in a run folder of their own named by TAG
+  [ -z "${EXTRA:-}" ] || [ -n "${TAG:-}" ] || { echo "EXTRA=$EXTRA needs a TAG for its run folder" >&2; exit 2; }
+  tuned "resnet56_f${FRACTION}_s${SEED}${TAG:+_$TAG}" ${METHODS:-sigmab fpgm hrank} ${EXTRA:-}
+}
 split() { tuned "resnet56_f${FRACTION}_s${SEED}_treealloc" fpgm --static-shape tree; }
 dense() { tuned "resnet56_f${FRACTION}_s${SEED}" dense; }
 

@@ -69,3 +69,15 @@ def test_each_epoch_count_reports_to_its_own_file(tmp_path):
     (three,) = commands(["report"], OUT=str(tmp_path), EPOCHS="3")
     assert one[:5] == ["-m", "benchmarks.report_long", f"{tmp_path}/runs", "benchmarks/results", "tiny_imagenet"]
     assert three[4] == "tiny_imagenet_e3" and "benchmarks/results/tiny_imagenet.json" not in three
+
+
+def test_extra_options_run_in_a_tagged_folder(tmp_path):
+    ckpt = tmp_path / "adapt" / "pretrain" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (cmd,) = commands(["compare"], OUT=str(tmp_path), METHODS="sigmab", EXTRA="--node-lr-scale --top-k 2",
+                      TAG="nodelr")
+    assert value(cmd, "--methods") == ["sigmab"] and "--node-lr-scale" in cmd and value(cmd, "--top-k") == ["2"]
+    assert value(cmd, "--out") == [f"{tmp_path}/runs/resnet56_f0.40_s0_nodelr"]
+    out = run(["compare"], OUT=str(tmp_path), EXTRA="--node-lr-scale")  # would mix into the plain run's folder
+    assert out.returncode == 2 and "needs a TAG" in out.stderr and not out.stdout
