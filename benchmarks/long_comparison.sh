@@ -20,6 +20,7 @@
 #   the tree's proportion) and KEEP_SHAPE="1 0.7" passes --keep-shape 1 0.7 (SigmaB's per-level keep ratios); the
 #   runs go to runs/long/*_treealloc and runs/long/*_shape<KEEP_SHAPE with spaces as _>.
 #   ROUTER_GRID=2 passes --router-grid 2 (SigmaB's routers read a 2x2 grid of cells); runs go to runs/long/*_grid2.
+#   NODE_LR=1 passes --node-lr-scale (each SigmaB node's layers at lr x the nodes of its level); runs/long/*_nodelr.
 #   TAG=name appends _name to every run folder (runs/long/*_name): a rerun under another default (e.g. the
 #   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
@@ -40,6 +41,7 @@ if [ -n "${KEEP_SHAPE:-}" ]; then
   common+=(--keep-shape "${shape[@]}"); suffix+=_shape${KEEP_SHAPE// /_}
 fi
 if [ -n "${ROUTER_GRID:-}" ]; then common+=(--router-grid "$ROUTER_GRID"); suffix+=_grid$ROUTER_GRID; fi
+if [ "${NODE_LR:-0}" = 1 ]; then common+=(--node-lr-scale); suffix+=_nodelr; fi
 suffix+=${TAG:+_$TAG}
 
 run() {  # model checkpoint epochs fraction seed methods...

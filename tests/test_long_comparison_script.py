@@ -72,3 +72,10 @@ def test_router_grid_reaches_the_command_and_its_own_folder():
     (cmd,) = commands(ONLY="f0.30_s1", ROUTER_GRID="2", METHODS="sigmab")
     assert value(cmd, "--router-grid") == ["2"] and value(cmd, "--methods") == ["sigmab"]
     assert value(cmd, "--out") == ["runs/long/resnet20_f0.30_s1_grid2"]
+
+
+def test_node_lr_reaches_the_command_and_its_own_folder():
+    (cmd,) = commands(ONLY="f0.40_s1", NODE_LR="1", METHODS="sigmab")
+    assert "--node-lr-scale" in cmd and value(cmd, "--out") == ["runs/long/resnet20_f0.40_s1_nodelr"]
+    (plain,) = commands(ONLY="f0.40_s1", METHODS="sigmab")
+    assert "--node-lr-scale" not in plain
