@@ -340,8 +340,10 @@ def main(argv=None) -> None:
         recon = ftopts.pop("reconstruct", None)  # None: no refit; a dict: sb.reconstruct's keyword arguments
         reconstruction = None if recon is None else sb.reconstruct(model, dense, calib, **recon)
         top1_before = evaluate(model, *val, data.normalize)["top1"]
+        # node_lr_scale off unless a variant sets it: every variant before aw_nodelr ran so (it is the default now)
         cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                                       progress=False, distill_weight=1.0 if distill else 0.0), **ftopts})
+                                       progress=False, distill_weight=1.0 if distill else 0.0,
+                                       node_lr_scale=False), **ftopts})
         teacher = make_teacher(dense) if distill else None  # PointNet++: without the grouping cache
         t0 = time.perf_counter()
         extra, leaf_of_class = contextlib.nullcontext(), None

@@ -20,7 +20,9 @@
 #   the tree's proportion) and KEEP_SHAPE="1 0.7" passes --keep-shape 1 0.7 (SigmaB's per-level keep ratios); the
 #   runs go to runs/long/*_treealloc and runs/long/*_shape<KEEP_SHAPE with spaces as _>.
 #   ROUTER_GRID=2 passes --router-grid 2 (SigmaB's routers read a 2x2 grid of cells); runs go to runs/long/*_grid2.
-#   NODE_LR=1 passes --node-lr-scale (each SigmaB node's layers at lr x the nodes of its level); runs/long/*_nodelr.
+#   NODE_LR=1 passes --node-lr-scale (each SigmaB node's layers at lr x the nodes of its level; the default since
+#   2026-12-07, so a plain run now trains so too) into runs/long/*_nodelr. The committed plain rows ran before it
+#   (the report names them sigmab+node_lr_scale=False); NODE_LR=0 passes --no-node-lr-scale, which reproduces them.
 #   TAG=name appends _name to every run folder (runs/long/*_name): a rerun under another default (e.g. the
 #   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
@@ -41,7 +43,12 @@ if [ -n "${KEEP_SHAPE:-}" ]; then
   common+=(--keep-shape "${shape[@]}"); suffix+=_shape${KEEP_SHAPE// /_}
 fi
 if [ -n "${ROUTER_GRID:-}" ]; then common+=(--router-grid "$ROUTER_GRID"); suffix+=_grid$ROUTER_GRID; fi
-if [ "${NODE_LR:-0}" = 1 ]; then common+=(--node-lr-scale); suffix+=_nodelr; fi
+case ${NODE_LR:-} in
+  1) common+=(--node-lr-scale); suffix+=_nodelr ;;
+  0) common+=(--no-node-lr-scale) ;;  # the recipe of the committed plain rows, into their folders
+  "") ;;
+  *) echo "NODE_LR=$NODE_LR: use 1 (--node-lr-scale, runs/long/*_nodelr) or 0 (--no-node-lr-scale)" >&2; exit 2 ;;
+esac
 suffix+=${TAG:+_$TAG}
 
 run() {  # model checkpoint epochs fraction seed methods...

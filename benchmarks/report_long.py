@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from benchmarks.common import machine
 from sigmab_plugin.baselines.harness import HarnessConfig
-from sigmab_plugin.finetune import FinetuneConfig
+from sigmab_plugin.finetune import BEFORE_FIELD, FinetuneConfig
 
 STATIC = ("fpgm", "hrank")
 
@@ -41,12 +41,14 @@ def variant(r: dict) -> str:
     the default (``--decisive-weight 0.5``...) or with its routing calibrated is named by the change too
     ("sigmab+decisive_weight=0.5"), as is a tree whose nodes rank channels by another score than the default
     (``+channel_score=...``; a row from before the option ranked by activation); a key a row lacks (an older run)
-    counts as the default."""
+    counts as the default, or as runs trained before the key existed where that differs (``BEFORE_FIELD``: a row
+    without ``node_lr_scale`` trained without it)."""
     name = r["method"]
     default, ft = FinetuneConfig(), r.get("finetune") or {}
     keys = TREE_RECIPE if name == "sigmab" else EVERY_RECIPE
     if name != "sigmab" and ft.get("bn_mode") == "shared":  # no shared layers to freeze: trains as 'batch'
         keys = ()
+    ft = {**{k: v for k, v in BEFORE_FIELD.items() if k in keys}, **ft}  # a row from before the field existed
     name += "".join(f"+{k}={ft[k]:g}" if isinstance(ft[k], float) else f"+{k}={ft[k]}"
                     for k in keys if k in ft and ft[k] != getattr(default, k))
     score = r.get("channel_score", "activation")

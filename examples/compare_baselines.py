@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--node-lr-scale", action=argparse.BooleanOptionalAction, default=d.node_lr_scale,
                     help="SigmaB: each node's layers train at lr times the nodes of its level (weight decay divided "
                          "by it), so a leaf, which gets about 1/leaves of a static layer's gradient, moves as far "
-                         "per step")
+                         "per step (default on; --no-node-lr-scale: one lr, as runs before 2026-12-07)")
     ap.add_argument("--hard-epochs", type=int, default=d.hard_epochs, help="last epochs trained with hard routing (SigmaB)")
     ap.add_argument("--calibrate-routing", action=argparse.BooleanOptionalAction, default=False,
                     help="SigmaB: after fine-tuning, shift the routers' thresholds so hard routing gives each leaf "

@@ -70,7 +70,7 @@ class FinetuneConfig:
     route_inputs: str = field(default="augmented", metadata={
         "help": "what a tree's routers decide on in training: each sample's 'augmented' input, or its 'clean' "
                 "(unaugmented) one, as in deployment (in-memory data; see sigmab_plugin.route_on)"})
-    node_lr_scale: bool = field(default=False, metadata={
+    node_lr_scale: bool = field(default=True, metadata={
         "help": "a tree: each node's layers train at lr times the number of nodes of its level (weight decay divided "
                 "by it, so lr * decay is unchanged). A node's gradient comes from its share of the samples (the "
                 "expected loss) or is averaged over all paths (distillation), about 1/nodes of a static layer's, "
@@ -368,7 +368,8 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
     saved = ck.get("config")
     if saved is not None:
         mine = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
-        defaults = FinetuneConfig(progress=False).to_dict()  # a field added since the checkpoint: its default
+        # a field added since the checkpoint: how runs trained before it existed (else its default)
+        defaults = {**FinetuneConfig(progress=False).to_dict(), **BEFORE_FIELD}
         theirs_cfg = {**defaults, **{k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}}
         changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k))
         if changed:
@@ -379,6 +380,8 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
 
 
 _RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
+# fields whose default differs from how runs trained before the field existed (a checkpoint or report row without it)
+BEFORE_FIELD = {"node_lr_scale": False}
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:

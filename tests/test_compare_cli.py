@@ -351,7 +351,7 @@ EVERY_FLAG = {
     "bn_mode": (["--bn-mode", "shared"], "finetune.bn_mode"),
     "bn_recalibration_batches": (["--bn-recalibration-batches", "5"], "finetune.bn_recalibration_batches"),
     "route_inputs": (["--route-inputs", "clean"], "finetune.route_inputs"),
-    "node_lr_scale": (["--node-lr-scale"], "finetune.node_lr_scale"),
+    "node_lr_scale": (["--no-node-lr-scale"], "finetune.node_lr_scale"),
     "hard_epochs": (["--hard-epochs", "1"], "finetune.hard_epochs"),
     "calibrate_routing": (["--calibrate-routing"], "calibrate_routing"),
     "reconstruct": (["--reconstruct"], "reconstruct"),

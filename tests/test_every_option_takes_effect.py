@@ -25,7 +25,7 @@ CHANGES = {
     "flip": False, "temperature_start": 5.0, "temperature_end": 1.0, "hard_epochs": 1, "objective": "mixture",
     "balance_weight": 0.0, "balance_rate": 0.5, "decisive_weight": 1.0, "distill_weight": 0.0,
     "distill_temperature": 1.0, "distill_paths": "weighted", "top_k": 1, "bn_weighting": True, "amp": "bf16",
-    "seed": 1, "bn_mode": "shared", "bn_recalibration_batches": 0, "route_inputs": "clean", "node_lr_scale": True,
+    "seed": 1, "bn_mode": "shared", "bn_recalibration_batches": 0, "route_inputs": "clean", "node_lr_scale": False,
 }
 # options that act only next to another one: compared with and without the change, both with this context
 CONTEXT = {"bn_recalibration_batches": {"bn_mode": "shared"}}

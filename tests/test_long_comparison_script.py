@@ -90,4 +90,9 @@ def test_node_lr_reaches_the_command_and_its_own_folder():
     (cmd,) = commands(ONLY="f0.40_s1", NODE_LR="1", METHODS="sigmab")
     assert "--node-lr-scale" in cmd and value(cmd, "--out") == ["runs/long/resnet20_f0.40_s1_nodelr"]
     (plain,) = commands(ONLY="f0.40_s1", METHODS="sigmab")
-    assert "--node-lr-scale" not in plain
+    assert "--node-lr-scale" not in plain and "--no-node-lr-scale" not in plain
+    (old,) = commands(ONLY="f0.40_s1", METHODS="sigmab", NODE_LR="0")  # the committed plain rows' recipe
+    assert "--no-node-lr-scale" in old and value(old, "--out") == ["runs/long/resnet20_f0.40_s1"]
+    bad = subprocess.run(["bash", "benchmarks/long_comparison.sh", "r20"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", "NODE_LR": "yes"})
+    assert bad.returncode == 2 and "NODE_LR=yes" in bad.stderr and not bad.stdout

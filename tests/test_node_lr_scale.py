@@ -46,7 +46,7 @@ def test_groups_scale_lr_and_decay_by_nodes_per_level(tree):
         seen += [name[id(p)] for p in g["params"]]
     assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert len(seen) == len(set(seen))
-    plain = param_groups(model, FinetuneConfig(lr=0.02))
+    plain = param_groups(model, FinetuneConfig(lr=0.02, node_lr_scale=False))
     assert len(plain) == 1 and "lr" not in plain[0]  # the optimizer's own lr
     assert len(param_groups(dense, cfg)) == 1  # no tree: nothing to scale
 
@@ -70,3 +70,26 @@ def test_one_step_moves_each_node_by_its_scale(tree):
             torch.testing.assert_close(moved[True][n], k * moved[False][n], rtol=1e-4, atol=1e-6)
             checked.add(k)
     assert checked == {1, 2, 4}
+
+
+def test_a_checkpoint_from_before_the_option_resumes_only_without_it(tree, tmp_path):
+    """A checkpoint written before node_lr_scale existed trained without it: resuming it under the default (on)
+    would silently change the run's recipe half-way, so it is refused; with node_lr_scale=False it resumes."""
+    import json
+    model, _ = tree
+    x = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
+    y = torch.arange(16) % 10
+    norm = lambda t: t.float() / 255 - 0.5  # noqa: E731
+    base = dict(batch_size=16, progress=False, distill_weight=0.0)
+    ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(epochs=1, node_lr_scale=False, **base),
+                out_dir=tmp_path)
+    path = tmp_path / ft.CHECKPOINT
+    ck = torch.load(path, weights_only=True)
+    old = json.loads(ck["config"])
+    del old["node_lr_scale"]  # as written before the field existed
+    torch.save({**ck, "config": json.dumps(old)}, path)
+    with pytest.raises(ValueError, match="node_lr_scale: False -> True"):
+        ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(epochs=1, **base), out_dir=tmp_path, resume=True)
+    ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(epochs=1, node_lr_scale=False, **base),
+                out_dir=tmp_path, resume=True)
+    assert FinetuneConfig().node_lr_scale  # the default, which the refusal above protects old runs from

@@ -8,7 +8,7 @@ from benchmarks import report_long
 
 def _row(method, frac, top1, **extra):
     r = {"method": method, "active_fraction": frac, "top1": top1, "mean_class_top1": top1 - 0.02, "seed": 0,
-         "model": "pointnet2_ssg", "data": "modelnet40", "finetune": {"epochs": 2}, "train_images": 9843,
+         "model": "pointnet2_ssg", "data": "modelnet40", "finetune": {"epochs": 2, "node_lr_scale": True}, "train_images": 9843,
          "test_images": 2468, "train_images_per_second": 20.0}
     if method == "sigmab":
         r.update(leaf_histogram=[600, 700, 500, 668], best_leaf_top1=top1 - 0.01, oracle_top1=top1 + 0.05,
@@ -177,23 +177,30 @@ def test_fraction_at_interpolates_between_the_bracketing_budgets():
     assert fraction_at({0.4: 0.8}, 0.8) is None and fraction_at({0.3: 0.8, 0.4: 0.8}, 0.9) is None
 
 
+NOW = {"node_lr_scale": True}  # a row of today's harness carries every FinetuneConfig field
+
+
 def test_a_tree_trained_with_another_recipe_is_its_own_variant():
     from benchmarks.report_long import variant
     plain = _row("sigmab", 0.39, 0.87)
-    assert variant(plain) == "sigmab" and variant({**plain, "finetune": {"epochs": 2, "balance_weight": 2.0}}) == "sigmab"
-    decisive = {**plain, "finetune": {"epochs": 2, "decisive_weight": 0.5, "distill_paths": "weighted"}}
+    assert variant(plain) == "sigmab" and variant({**plain, "finetune": {**NOW, "epochs": 2, "balance_weight": 2.0}}) == "sigmab"
+    decisive = {**plain, "finetune": {**NOW, "epochs": 2, "decisive_weight": 0.5, "distill_paths": "weighted"}}
     assert variant(decisive) == "sigmab+decisive_weight=0.5+distill_paths=weighted"
     assert variant({**decisive, "reconstruction": {"ridge": 1.0}}) == \
         "sigmab+decisive_weight=0.5+distill_paths=weighted+recon@1"
-    assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {"decisive_weight": 0.5}}) == "fpgm"  # no router
-    assert variant({**plain, "finetune": {"top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
-    assert variant({**plain, "finetune": {"bn_mode": "shared"}}) == "sigmab+bn_mode=shared"
-    assert variant({**plain, "finetune": {"route_inputs": "clean"}}) == "sigmab+route_inputs=clean"
+    assert variant({**_row("fpgm", 0.39, 0.85), "finetune": {**NOW, "decisive_weight": 0.5}}) == "fpgm"  # no router
+    assert variant({**plain, "finetune": {**NOW, "top_k": 2, "bn_weighting": True}}) == "sigmab+top_k=2+bn_weighting=True"
+    assert variant({**plain, "finetune": {**NOW, "bn_mode": "shared"}}) == "sigmab+bn_mode=shared"
+    assert variant({**plain, "finetune": {**NOW, "route_inputs": "clean"}}) == "sigmab+route_inputs=clean"
     fpgm = _row("fpgm", 0.39, 0.85)
-    assert variant({**fpgm, "finetune": {"bn_mode": "frozen"}}) == "fpgm+bn_mode=frozen"  # its training changed
-    assert variant({**fpgm, "finetune": {"bn_mode": "shared"}}) == "fpgm"  # nothing shared to freeze
-    assert variant({**fpgm, "finetune": {"route_inputs": "clean"}}) == "fpgm"  # no router
+    assert variant({**fpgm, "finetune": {**NOW, "bn_mode": "frozen"}}) == "fpgm+bn_mode=frozen"  # its training changed
+    assert variant({**fpgm, "finetune": {**NOW, "bn_mode": "shared"}}) == "fpgm"  # nothing shared to freeze
+    assert variant({**fpgm, "finetune": {**NOW, "route_inputs": "clean"}}) == "fpgm"  # no router
     assert variant({**plain, "channel_score": "activation"}) == "sigmab+channel_score=activation"
+    # a row from before node_lr_scale existed trained without it (the default since): named by it
+    assert variant({**plain, "finetune": {"epochs": 2}}) == "sigmab+node_lr_scale=False"
+    assert variant({**plain, "finetune": {"epochs": 2, "node_lr_scale": False}}) == "sigmab+node_lr_scale=False"
+    assert variant({**fpgm, "finetune": {"epochs": 2}}) == "fpgm"  # no nodes to scale
     legacy = {k: v for k, v in plain.items() if k != "channel_score"}  # a row from before the option
     assert variant(legacy) == "sigmab+channel_score=activation"
     # per-level keep ratios (harness --keep-shape) and a static method given the tree's allocation (--static-shape)
