@@ -12,6 +12,7 @@ from .config import BranchConfig
 from .io import load_branched, save_branched
 from .export import export_deployment, export_path, load_deployment
 from .kmeans import spherical_kmeans
+from .finetune import node_param_groups
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, leaf_balance, leaf_entropy, temperature_at, tree_loss
 from .report import param_report, summary
@@ -39,6 +40,7 @@ __all__ = [
     "leaf_entropy",
     "load_branched",
     "load_deployment",
+    "node_param_groups",
     "param_report",
     "register_pruner",
     "registered_pruners",

@@ -386,17 +386,25 @@ BEFORE_FIELD = {"node_lr_scale": False}
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:
     """The SGD parameter groups of ``model``'s trainable parameters: one at ``cfg.lr``, or, with
-    ``cfg.node_lr_scale`` and a tree, one per level of nodes at ``lr * nodes`` and ``weight_decay / nodes``
-    (the shared layers and the routers keep ``lr``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    ``cfg.node_lr_scale`` and a tree, :func:`node_param_groups`."""
     if not (cfg.node_lr_scale and is_branched(model)):
-        return [{"params": params}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return node_param_groups(model, cfg.lr, cfg.weight_decay)
+
+
+def node_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> List[dict]:
+    """Parameter groups for any torch optimizer that train each node of a tree at ``lr * nodes`` of its level
+    and ``weight_decay / nodes`` (lr x decay unchanged); the shared layers and the routers keep ``lr`` (a model
+    that is not a tree: one group). A leaf of a depth-2 tree gets about a quarter of a static layer's gradient
+    (its share of the expected loss; distillation averaged over the paths), so under SGD this gives its weights a
+    static layer's step (``FinetuneConfig.node_lr_scale``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     nodes = {id(p): len(m.variants) for m in model.modules() if isinstance(m, RoutedModule)
              for v in m.variants for p in v.parameters()}
     by_scale: Dict[int, list] = {}
     for p in params:
         by_scale.setdefault(nodes.get(id(p), 1), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * k, "weight_decay": cfg.weight_decay / k} for k, ps in sorted(by_scale.items())]
+    return [{"params": ps, "lr": lr * k, "weight_decay": weight_decay / k} for k, ps in sorted(by_scale.items())]
 
 
 def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics,

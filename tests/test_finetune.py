@@ -152,7 +152,7 @@ def test_plain_loop_with_public_pieces_equals_finetune():
     ft.finetune(ref, loader, cfg=cfg)
 
     model = _model(True)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(sb.node_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(loader))
     steps = cfg.epochs * len(loader)
     for epoch in range(cfg.epochs):
