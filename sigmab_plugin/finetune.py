@@ -371,7 +371,8 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
         # a field added since the checkpoint: how runs trained before it existed (else its default)
         defaults = {**FinetuneConfig(progress=False).to_dict(), **BEFORE_FIELD}
         theirs_cfg = {**defaults, **{k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}}
-        changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k))
+        inert = () if is_branched(model) else TREE_ONLY  # settings that do not change a plain model's training
+        changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k) and k not in inert)
         if changed:
             what = ", ".join(f"{k}: {theirs_cfg.get(k)!r} -> {mine[k]!r}" for k in changed[:4])
             raise ValueError(f"{path} was written with other training settings ({what}); resume with the same "
@@ -382,6 +383,7 @@ def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> d
 _RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
 # fields whose default differs from how runs trained before the field existed (a checkpoint or report row without it)
 BEFORE_FIELD = {"node_lr_scale": False}
+TREE_ONLY = ("node_lr_scale",)  # a resumed plain (static or dense) model may differ in these: they do not reach it
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:

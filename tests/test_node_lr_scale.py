@@ -93,3 +93,24 @@ def test_a_checkpoint_from_before_the_option_resumes_only_without_it(tree, tmp_p
     ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(epochs=1, node_lr_scale=False, **base),
                 out_dir=tmp_path, resume=True)
     assert FinetuneConfig().node_lr_scale  # the default, which the refusal above protects old runs from
+
+
+def test_a_plain_model_resumes_whatever_the_option(tmp_path):
+    """node_lr_scale does not reach a model without a tree (one group either way), so an FPGM or dense checkpoint
+    from before the option resumes under the default instead of being refused."""
+    import json
+    model = make_model("cifar_resnet_b")
+    x = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+    y = torch.arange(16) % 10
+    norm = lambda t: t.float() / 255 - 0.5  # noqa: E731
+    base = dict(epochs=1, batch_size=16, progress=False, distill_weight=0.0)
+    ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(node_lr_scale=False, **base), out_dir=tmp_path)
+    path = tmp_path / ft.CHECKPOINT
+    ck = torch.load(path, weights_only=True)
+    old = json.loads(ck["config"])
+    del old["node_lr_scale"]
+    torch.save({**ck, "config": json.dumps(old)}, path)
+    ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(**base), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="epochs: 1 -> 2"):  # other settings are still checked
+        ft.finetune(copy.deepcopy(model), x, y, norm, FinetuneConfig(**{**base, "epochs": 2}), out_dir=tmp_path,
+                    resume=True)
