@@ -1,8 +1,8 @@
 """Fine-tune a SigmaB tree of a timm model on an ImageFolder, in your own training loop.
 
 timm builds the model, the transforms, the optimizer and the LR schedule; SigmaB adds only the
-branching, ``tree_loss`` (expected per-path loss + balance + distillation from the dense model) and
-the router temperature. Any training script can be adapted the same way.
+branching, ``tree_loss`` (expected per-path loss + balance + distillation from the dense model), the
+per-level learning rate (``sb.node_param_groups`` as timm's ``param_group_fn``) and the router temperature. Any training script can be adapted the same way.
 
     python examples/finetune_imagefolder.py --data path/with/train_and_val --model resnet18 \
         --checkpoint my_dense.safetensors --epochs 5 --out runs/imagefolder
@@ -46,6 +46,13 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def make_optimizer(model, lr: float, weight_decay: float = 5e-4):
+    """timm's SGD (no weight decay on biases and norm layers) with the tree's per-level learning rate: each node's
+    layers at lr x (nodes of its level), as ``compare_baselines`` trains (``FinetuneConfig.node_lr_scale``)."""
+    return create_optimizer_v2(model, opt="sgd", lr=lr, weight_decay=weight_decay, momentum=0.9,
+                               param_group_fn=lambda m: sb.node_param_groups(m, lr, weight_decay, exclude_1d=True))
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     size = (3, a.img_size, a.img_size)
@@ -63,7 +70,7 @@ def main(argv=None) -> dict:
     sb.branch(model, depth=a.depth, calib_data=calib, keep_ratio=a.keep_ratio)
     print(sb.summary(model))
 
-    optimizer = create_optimizer_v2(model, opt="sgd", lr=a.lr, weight_decay=5e-4, momentum=0.9)
+    optimizer = make_optimizer(model, a.lr)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=a.epochs, warmup_epochs=0)
     loss_cfg = sb.LossConfig()
     autocast = (lambda: torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", torch.bfloat16)) \

@@ -394,19 +394,25 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:
     return node_param_groups(model, cfg.lr, cfg.weight_decay)
 
 
-def node_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> List[dict]:
+def node_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                      exclude_1d: bool = False) -> List[dict]:
     """Parameter groups for any torch optimizer that train each node of a tree at ``lr * nodes`` of its level
     and ``weight_decay / nodes`` (lr x decay unchanged); the shared layers and the routers keep ``lr`` (a model
-    that is not a tree: one group). A leaf of a depth-2 tree gets about a quarter of a static layer's gradient
-    (its share of the expected loss; distillation averaged over the paths), so under SGD this gives its weights a
-    static layer's step (``FinetuneConfig.node_lr_scale``)."""
+    that is not a tree: every parameter at ``lr``). A leaf of a depth-2 tree gets about a quarter of a static
+    layer's gradient (its share of the expected loss; distillation averaged over the paths), so under SGD this
+    gives its weights a static layer's step (``FinetuneConfig.node_lr_scale``).
+
+    ``exclude_1d=True`` gives every 1-D parameter (biases, norm layers' weights) no weight decay, as timm's
+    ``filter_bias_and_bn`` does, so ``create_optimizer_v2(model, ..., param_group_fn=lambda m:
+    node_param_groups(m, lr, wd, exclude_1d=True))`` keeps timm's recipe and adds the per-level rate."""
     params = [p for p in model.parameters() if p.requires_grad]
     nodes = {id(p): len(m.variants) for m in model.modules() if isinstance(m, RoutedModule)
              for v in m.variants for p in v.parameters()}
-    by_scale: Dict[int, list] = {}
+    by_key: Dict[tuple, list] = {}
     for p in params:
-        by_scale.setdefault(nodes.get(id(p), 1), []).append(p)
-    return [{"params": ps, "lr": lr * k, "weight_decay": weight_decay / k} for k, ps in sorted(by_scale.items())]
+        by_key.setdefault((nodes.get(id(p), 1), exclude_1d and p.ndim <= 1), []).append(p)
+    return [{"params": ps, "lr": lr * k, "weight_decay": 0.0 if no_decay else weight_decay / k}
+            for (k, no_decay), ps in sorted(by_key.items())]
 
 
 def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, out_dir, resume, diagnostics,

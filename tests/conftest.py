@@ -51,6 +51,19 @@ def make_model(family: str) -> nn.Module:
     return randomize(FAMILIES[family]())
 
 
+def node_levels(model: nn.Module) -> dict:
+    """Parameter name -> number of nodes of its level (1: shared layers and routers), read from the module
+    names alone (independent of ``node_param_groups``)."""
+    from sigmab_plugin.routing import RoutedModule
+    out = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, RoutedModule):
+            for i, v in enumerate(m.variants):
+                for pname, _ in v.named_parameters():
+                    out[f"{mname}.variants.{i}.{pname}" if mname else f"variants.{i}.{pname}"] = len(m.variants)
+    return {n: out.get(n, 1) for n, _ in model.named_parameters()}
+
+
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

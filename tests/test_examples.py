@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import sigmab_plugin as sb
+from conftest import images, node_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("finetune_imagefolder", ROOT / "examples" / "finetune_imagefolder.py")
@@ -41,3 +43,17 @@ def test_imagefolder_example_trains_and_saves_a_tree(tmp_path):
     assert json.loads((tmp_path / "run" / "history.json").read_text())[-1]["epoch"] == 2
     assert sb.is_branched(sb.load_branched(__import__("timm").create_model("resnet18", num_classes=2),
                                            tmp_path / "run" / "tree"))
+
+
+def test_the_example_optimizer_trains_each_node_at_its_level_rate():
+    import timm
+    model = sb.branch(timm.create_model("resnet18", num_classes=3), depth=2, calib_data=images(32), keep_ratio=0.5,
+                      progress=False)
+    opt = example.make_optimizer(model, 0.02, 5e-4)
+    levels, name = node_levels(model), {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen[(levels[name[id(p)]], p.ndim <= 1)] = (g["lr"], g["weight_decay"])
+    assert seen == {(k, nd): (pytest.approx(0.02 * k), 0.0 if nd else pytest.approx(5e-4 / k))
+                    for k in (1, 2, 4) for nd in (False, True)}

@@ -8,8 +8,7 @@ import torch
 import sigmab_plugin as sb
 import sigmab_plugin.finetune as ft
 from sigmab_plugin.finetune import FinetuneConfig, param_groups
-from sigmab_plugin.routing import RoutedModule
-from conftest import images, make_model
+from conftest import images, make_model, node_levels
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +18,11 @@ def tree():
     return tree, make_model("cifar_resnet_b")
 
 
-def _level_of(model) -> dict:
-    """Independent of param_groups: parameter name -> number of nodes of its level (1: shared or router)."""
-    out = {}
-    for mname, m in model.named_modules():
-        if isinstance(m, RoutedModule):
-            for i, v in enumerate(m.variants):
-                for pname, _ in v.named_parameters():
-                    out[f"{mname}.variants.{i}.{pname}" if mname else f"variants.{i}.{pname}"] = len(m.variants)
-    return {n: out.get(n, 1) for n, _ in model.named_parameters()}
-
-
 def test_groups_scale_lr_and_decay_by_nodes_per_level(tree):
     model, dense = tree
     cfg = FinetuneConfig(lr=0.02, weight_decay=4e-4, node_lr_scale=True)
     groups = param_groups(model, cfg)
-    levels = _level_of(model)
+    levels = node_levels(model)
     assert sorted(set(levels.values())) == [1, 2, 4]  # shared + routers, level 1, the leaves
     name = {id(p): n for n, p in model.named_parameters()}
     seen = []
@@ -63,13 +51,31 @@ def test_one_step_moves_each_node_by_its_scale(tree):
         m = copy.deepcopy(model)
         ft.finetune(m, x, y, lambda t: t.float() / 255 - 0.5, FinetuneConfig(**base, node_lr_scale=scale))
         moved[scale] = {n: p.detach() - start[n] for n, p in m.named_parameters()}
-    levels = _level_of(model)
+    levels = node_levels(model)
     checked = set()
     for n, k in levels.items():
         if moved[False][n].abs().max() > 0:
             torch.testing.assert_close(moved[True][n], k * moved[False][n], rtol=1e-4, atol=1e-6)
             checked.add(k)
     assert checked == {1, 2, 4}
+
+
+def test_exclude_1d_keeps_timms_decay_split_and_the_per_level_rate(tree):
+    from timm.optim import param_groups_weight_decay
+    model, dense = tree
+    for m in (dense, model):
+        timm_no_decay = {id(p) for g in param_groups_weight_decay(m, 5e-4) if g["weight_decay"] == 0
+                         for p in g["params"]}
+        levels = node_levels(m)
+        name = {id(p): n for n, p in m.named_parameters()}
+        groups = sb.node_param_groups(m, 0.1, 5e-4, exclude_1d=True)
+        assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+        for g in groups:
+            for p in g["params"]:
+                k = levels[name[id(p)]]
+                assert g["lr"] == pytest.approx(0.1 * k)
+                assert g["weight_decay"] == (0.0 if id(p) in timm_no_decay else pytest.approx(5e-4 / k))
+    assert {g["weight_decay"] for g in sb.node_param_groups(model, 0.1, 5e-4)} == {5e-4, 2.5e-4, 1.25e-4}
 
 
 def test_a_checkpoint_from_before_the_option_resumes_only_without_it(tree, tmp_path):
