@@ -290,6 +290,14 @@ def branch_options(a) -> dict:
     return dict(depth=a.depth, prune_residual=True, coverage=True, progress=False, seed=a.seed)
 
 
+def variant_config(a, ftopts: dict, distill: bool) -> FinetuneConfig:
+    """A variant's fine-tuning settings: the run's epochs, lr, batch and seed, then the variant's own options.
+    node_lr_scale is off unless a variant sets it: every variant before aw_nodelr ran so (it is the library's
+    default now), and a variant must keep meaning what it measured."""
+    return FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, progress=False,
+                                    distill_weight=1.0 if distill else 0.0, node_lr_scale=False), **ftopts})
+
+
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     a = parse(argv)
@@ -340,10 +348,7 @@ def main(argv=None) -> None:
         recon = ftopts.pop("reconstruct", None)  # None: no refit; a dict: sb.reconstruct's keyword arguments
         reconstruction = None if recon is None else sb.reconstruct(model, dense, calib, **recon)
         top1_before = evaluate(model, *val, data.normalize)["top1"]
-        # node_lr_scale off unless a variant sets it: every variant before aw_nodelr ran so (it is the default now)
-        cfg = FinetuneConfig(**{**dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                                       progress=False, distill_weight=1.0 if distill else 0.0,
-                                       node_lr_scale=False), **ftopts})
+        cfg = variant_config(a, ftopts, distill)
         teacher = make_teacher(dense) if distill else None  # PointNet++: without the grouping cache
         t0 = time.perf_counter()
         extra, leaf_of_class = contextlib.nullcontext(), None

@@ -23,3 +23,13 @@ def test_steps_run_their_variants(tmp_path):
     from benchmarks.ablate_recipe import VARIANTS  # the variants exist and the scaled ones scale
     assert VARIANTS["aw_nodelr"][2]["node_lr_scale"] and VARIANTS["aw_nodelr_s1"][2]["node_lr_scale"]
     assert "node_lr_scale" not in VARIANTS["aw_nocover"][2]
+
+
+def test_a_variant_trains_with_the_per_level_rate_only_if_it_sets_it():
+    from benchmarks.ablate_recipe import VARIANTS, parse, variant_config
+    a = parse(["--epochs", "2", "--lr", "0.03"])
+    cfg = {name: variant_config(a, VARIANTS[name][2], VARIANTS[name][3])
+           for name in ("aw_nocover", "aw_nodelr", "fpgm_kd")}
+    assert not cfg["aw_nocover"].node_lr_scale and not cfg["fpgm_kd"].node_lr_scale  # what they measured
+    assert cfg["aw_nodelr"].node_lr_scale
+    assert all(c.epochs == 2 and c.lr == 0.03 and c.distill_weight == 1.0 for c in cfg.values())
