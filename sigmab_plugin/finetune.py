@@ -66,7 +66,7 @@ class FinetuneConfig:
                 "(as deployed; a model without a tree trains as with 'batch'); 'frozen': every layer does"})
     bn_recalibration_batches: int = field(default=100, metadata={
         "help": "bn_mode 'shared'/'frozen': training batches that first re-estimate every BatchNorm's statistics "
-                "under hard routing (0: keep them)"})
+                "under hard routing (route_inputs 'clean': the batches unaugmented; 0: keep them)"})
     route_inputs: str = field(default="augmented", metadata={
         "help": "what a tree's routers decide on in training: each sample's 'augmented' input, or its 'clean' "
                 "(unaugmented) one, as in deployment (in-memory data; see sigmab_plugin.route_on)"})
@@ -459,7 +459,10 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
     if fixes_stats and start == 0 and cfg.bn_recalibration_batches > 0:
         torch.manual_seed(cfg.seed * 100003 - 1)  # dropout, loader shuffling (each epoch reseeds after)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 - 1)  # batches like an epoch's, drawn apart
-        batches = (norm(xb.to(device)) for xb, _ in _batches(data, cfg, gen, 0, augment)[0])
+        # route_inputs 'clean': the unaugmented inputs, routed on themselves, as deployed (their routes are the
+        # ones training uses, and routes recorded now would read the statistics being reset)
+        clean = cfg.route_inputs == "clean" and branched
+        batches = (norm(b[2 if clean else 0].to(device)) for b in _batches(data, cfg, gen, 0, augment, clean)[0])
         recalibrate_batchnorm(model, batches, cfg.bn_recalibration_batches)
         _sync_buffers(model, world)
     runner = model

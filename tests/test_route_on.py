@@ -98,6 +98,28 @@ def test_route_inputs_clean_routes_training_on_unaugmented_batches(tree, monkeyp
     assert seen == []
 
 
+def test_bn_recalibration_under_clean_routing_reads_the_unaugmented_batches(tree, monkeypatch):
+    seen = []
+    real = ft.recalibrate_batchnorm
+
+    def spy(model, batches, max_batches):
+        batches = list(batches)
+        seen.append(batches)
+        return real(model, batches, max_batches)
+    monkeypatch.setattr(ft, "recalibrate_batchnorm", spy)
+    x = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    y = torch.arange(16) % 10
+    norm = lambda t: t.float() / 255 - 0.5  # noqa: E731
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0 * 100003 - 1))
+    want = [norm(x[perm[:8]]), norm(x[perm[8:]])]  # the recalibration pass's permutation, unaugmented
+    for inputs in ("clean", "augmented"):
+        cfg = FinetuneConfig(epochs=1, batch_size=8, progress=False, bn_mode="shared", route_inputs=inputs)
+        ft.finetune(copy.deepcopy(tree), x, y, norm, cfg)
+    clean, augmented = seen
+    assert len(clean) == 2 and all(torch.equal(a, b) for a, b in zip(clean, want))
+    assert not all(torch.equal(a, b) for a, b in zip(augmented, want))  # the default still reads augmented ones
+
+
 def test_route_inputs_is_validated(tree):
     with pytest.raises(ValueError, match="route_inputs='sideways'"):
         FinetuneConfig(route_inputs="sideways")
