@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import sigmab_plugin as sb
-from conftest import images, node_levels
+from conftest import images, make_model, node_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("finetune_imagefolder", ROOT / "examples" / "finetune_imagefolder.py")
@@ -46,9 +46,7 @@ def test_imagefolder_example_trains_and_saves_a_tree(tmp_path):
 
 
 def test_the_example_optimizer_trains_each_node_at_its_level_rate():
-    import timm
-    model = sb.branch(timm.create_model("resnet18", num_classes=3), depth=2, calib_data=images(32), keep_ratio=0.5,
-                      progress=False)
+    model = sb.branch(make_model("cifar_resnet_b"), depth=2, calib_data=images(32), keep_ratio=0.5, progress=False)
     opt = example.make_optimizer(model, 0.02, 5e-4)
     levels, name = node_levels(model), {id(p): n for n, p in model.named_parameters()}
     seen = {}
