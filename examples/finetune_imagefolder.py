@@ -2,7 +2,8 @@
 
 timm builds the model, the transforms, the optimizer and the LR schedule; SigmaB adds only the
 branching, ``tree_loss`` (expected per-path loss + balance + distillation from the dense model), the
-per-level learning rate (``sb.node_param_groups`` as timm's ``param_group_fn``) and the router temperature. Any training script can be adapted the same way.
+per-level learning rate (``sb.node_param_groups`` as timm's ``param_group_fn``) and the router
+temperature. Any training script can be adapted the same way.
 
     python examples/finetune_imagefolder.py --data path/with/train_and_val --model resnet18 \
         --checkpoint my_dense.safetensors --epochs 5 --out runs/imagefolder
