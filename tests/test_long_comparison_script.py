@@ -20,8 +20,8 @@ def test_plain_run_covers_every_budget_without_a_refit():
     cmds = commands()
     assert [(value(c, "--target-fraction"), value(c, "--seed")) for c in cmds] == [
         (["0.40"], ["0"]), (["0.40"], ["1"]), (["0.30"], ["0"]), (["0.30"], ["1"]), (["0.55"], ["0"]),
-        (["0.45"], ["0"])]
-    assert value(cmds[-1], "--methods") == ["sigmab"]
+        (["0.45"], ["0"]), (["0.45"], ["1"])]
+    assert value(cmds[-1], "--methods") == value(cmds[-2], "--methods") == ["sigmab"]
     assert value(cmds[0], "--methods") == ["dense", "sigmab", "fpgm", "hrank"]
     assert all("--reconstruct" not in c for c in cmds)
 
@@ -58,7 +58,7 @@ def test_tag_gives_every_run_its_own_folder_and_no_dense_model():
     cmds = commands(TAG="aw")
     assert [value(c, "--out")[0] for c in cmds] == [f"runs/long/resnet20_{r}_aw" for r in
                                                       ("f0.40_s0", "f0.40_s1", "f0.30_s0", "f0.30_s1", "f0.55_s0",
-                                                       "f0.45_s0")]
+                                                       "f0.45_s0", "f0.45_s1")]
     assert "dense" not in value(cmds[0], "--methods")  # the untagged run's dense row stands
     (both,) = commands(TAG="aw", ONLY="f0.30_s0", RECON="1")
     assert value(both, "--out") == ["runs/long/resnet20_f0.30_s0_recon_aw"]
