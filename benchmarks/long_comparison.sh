@@ -3,8 +3,8 @@
 # CIFAR-10 (JPEG set) from the pretrained CIFAR ResNet-20 and ResNet-56 (option A), the full 50,000-image
 # training set, the same epochs, schedule, distillation and seed for every method, all 10,000 test images.
 # SigmaB at active fractions 0.40 and 0.30; FPGM and HRank at 0.30, 0.40 and 0.55; dense; a second seed
-# at 0.40 and 0.30; SigmaB at 0.45 (two seeds) last (so the active fraction at which it matches FPGM's 0.55 top-1 is read
-# between two of its runs, not extrapolated). Every run checkpoints each epoch and resumes (--resume),
+# at 0.40 and 0.30; SigmaB at 0.45 (two seeds) last, so the active fraction at which it matches FPGM's 0.55 top-1
+# is read between measured points (extrapolated, and flagged, when the tree's 0.45 mean is still below). Every run checkpoints each epoch and resumes (--resume),
 # so the script can be rerun across sessions until it is complete; then `report` writes the table, the
 # plot and the reading.
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
