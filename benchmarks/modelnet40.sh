@@ -10,6 +10,9 @@
 #   bash benchmarks/modelnet40.sh [pretrain|compare|report ...]   (default: all three)
 #   MODEL=pointnet2_msg WIDTH=0.25 PRE_EPOCHS=12 EPOCHS=3 set the variant (the report states them);
 #   OUT and RESULTS move the run folder and the report; STEM names the report (default modelnet40).
+#   compare: FRACS="0.40" runs only those budgets, METHODS="sigmab fpgm" only those methods, SEED=1 another seed;
+#   TAG=x gives the runs their own folders (<model>_f<frac>_s<seed>_x), so a new recipe's rows stand beside the
+#   committed ones in the report instead of replacing them.
 # On 2 CPU cores at width 0.25 a dense training epoch takes about 9 minutes (17.9 shapes/s,
 # benchmarks/results/pointnet_speed.md).
 set -euo pipefail
@@ -33,11 +36,23 @@ pretrain() {
 compare() {
   local ckpt=$OUT/pretrain/pretrain/checkpoint.pt
   [ -f "$ckpt" ] || { echo "no dense checkpoint at $ckpt: run the pretrain step first" >&2; exit 2; }
-  for frac in 0.40 0.30; do
-    local methods=(sigmab fpgm hrank)
-    [ "$frac" = 0.40 ] && methods=(dense sigmab fpgm hrank)
+  local seed=${SEED:-0} m
+  for m in ${METHODS:-}; do
+    case $m in
+      dense|sigmab|fpgm|hrank) ;;
+      *) echo "METHODS=\"$METHODS\": $m is not one of dense sigmab fpgm hrank" >&2; exit 2 ;;
+    esac
+  done
+  for frac in ${FRACS:-0.40 0.30}; do
+    local all=(sigmab fpgm hrank) methods=()
+    [ "$frac" = 0.40 ] && all=(dense sigmab fpgm hrank)
+    for m in "${all[@]}"; do
+      if [ -z "${METHODS:-}" ] || [[ " $METHODS " == *" $m "* ]]; then methods+=("$m"); fi
+    done
+    [ ${#methods[@]} -gt 0 ] || continue
     $PY examples/compare_baselines.py "${common[@]}" --checkpoint "$ckpt" --epochs "${EPOCHS:-3}" --lr 0.01 \
-      --target-fraction "$frac" --methods "${methods[@]}" --out "$OUT/runs/${MODEL}_f${frac}_s0"
+      --seed "$seed" --target-fraction "$frac" --methods "${methods[@]}" \
+      --out "$OUT/runs/${MODEL}_f${frac}_s${seed}${TAG:+_$TAG}"
   done
 }
 

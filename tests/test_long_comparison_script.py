@@ -96,3 +96,30 @@ def test_node_lr_reaches_the_command_and_its_own_folder():
     bad = subprocess.run(["bash", "benchmarks/long_comparison.sh", "r20"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PY": "echo", "NODE_LR": "yes"})
     assert bad.returncode == 2 and "NODE_LR=yes" in bad.stderr and not bad.stdout
+
+
+def modelnet40_commands(tmp_path, **env) -> list:
+    ckpt = tmp_path / "pretrain" / "pretrain" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.touch()
+    out = subprocess.run(["bash", "benchmarks/modelnet40.sh", "compare"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", "OUT": str(tmp_path), **env})
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_modelnet40_compare_runs_every_budget_and_method_by_default(tmp_path):
+    cmds = modelnet40_commands(tmp_path)
+    assert [(value(c, "--target-fraction"), value(c, "--methods"), value(c, "--seed")) for c in cmds] == [
+        (["0.40"], ["dense", "sigmab", "fpgm", "hrank"], ["0"]), (["0.30"], ["sigmab", "fpgm", "hrank"], ["0"])]
+    assert [value(c, "--out")[0].rsplit("/", 1)[1] for c in cmds] == ["pointnet2_ssg_f0.40_s0", "pointnet2_ssg_f0.30_s0"]
+
+
+def test_modelnet40_fracs_methods_seed_and_tag_reach_the_command(tmp_path):
+    (cmd,) = modelnet40_commands(tmp_path, FRACS="0.40", METHODS="sigmab fpgm", SEED="1", TAG="nodelr")
+    assert value(cmd, "--methods") == ["sigmab", "fpgm"] and value(cmd, "--seed") == ["1"]
+    assert value(cmd, "--out") == [str(tmp_path / "runs" / "pointnet2_ssg_f0.40_s1_nodelr")]
+    assert modelnet40_commands(tmp_path, FRACS="0.30", METHODS="dense") == []  # dense runs at 0.40 only
+    bad = subprocess.run(["bash", "benchmarks/modelnet40.sh", "compare"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PY": "echo", "OUT": str(tmp_path), "METHODS": "sigmb"})
+    assert bad.returncode == 2 and "sigmb" in bad.stderr and not bad.stdout
