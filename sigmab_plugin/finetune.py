@@ -19,20 +19,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checkpoint import BEFORE_FIELD, CHECKPOINT, LOG, Snapshot, load_resume  # noqa: F401  (BEFORE_FIELD: re-exported)
+from ._checkpoint import save_checkpoint as _save_checkpoint  # looked up here, so a test can replace it
 from ._modes import kept_train_flags
 from ._progress import progress
+from .evaluate import evaluate
 from .norm_stats import freeze_batchnorm, recalibrate_batchnorm
 from .objective import LossConfig, TemperatureSchedule, _number, training_loss
-from .routing import RoutedModule, forward_leaf, is_branched, route_on, set_routing, tree_state
+from .routing import RoutedModule, is_branched, route_on, set_routing, tree_state
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "shared", "frozen")
 ROUTE_INPUTS = ("augmented", "clean")
@@ -179,82 +180,6 @@ def _batches(data, cfg: FinetuneConfig, gen: torch.Generator, epoch: int = 0,
     return data, len(data) if hasattr(data, "__len__") else 0
 
 
-def _eval_batches(data, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple):
-        images, labels = data
-        for i in range(0, len(labels), batch_size):
-            yield images[i:i + batch_size], labels[i:i + batch_size]
-    else:
-        for item in data:
-            yield item[0], item[1]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images, labels=None, normalize: Optional[Callable] = None,
-             batch_size: int = 256, diagnostics: bool = False) -> Dict[str, object]:
-    """Top-1 (and mean per-class top-1) with hard routing (``images, labels`` in memory, or ``images`` a
-    loader of ``(x, y)``).
-
-    For a tree it also gives the leaf histogram; with ``diagnostics`` each leaf's top-1 on every
-    input and on the inputs routed to it, the best single leaf, the oracle (a sample counts when
-    any leaf is right) and the *conditional gain* (routed top-1 minus the best single leaf).
-    """
-    data = (images, labels) if labels is not None else images
-    norm = normalize or (lambda t: t)
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    tree = is_branched(model)
-    n_leaves = 2 ** tree_state(model).depth if tree else 0
-    correct, seen, hist = 0, 0, torch.zeros(n_leaves, dtype=torch.long)
-    leaf_all = torch.zeros(n_leaves, dtype=torch.long)
-    leaf_routed = torch.zeros(n_leaves, dtype=torch.long)
-    oracle = 0
-    per_class: Dict[int, list] = {}
-    saved_mode = tree_state(model).mode if tree else None
-    if tree:
-        tree_state(model).mode = "hard"
-    try:
-        for xb, yb in _eval_batches(data, batch_size):
-            x, y = norm(xb.to(device)), yb.to(device)
-            pred = model(x).argmax(1)
-            right = pred == y
-            correct += int(right.sum())
-            seen += len(y)
-            for c in y.unique().tolist():
-                tally = per_class.setdefault(c, [0, 0])
-                tally[0] += int(right[y == c].sum())
-                tally[1] += int((y == c).sum())
-            if not tree:
-                continue
-            leaves = tree_state(model).last_leaves
-            hist += torch.bincount(leaves.cpu(), minlength=n_leaves)
-            if diagnostics:
-                any_right = torch.zeros_like(y, dtype=torch.bool)
-                for leaf in range(n_leaves):
-                    right = forward_leaf(model, x, leaf).argmax(1) == y
-                    any_right |= right
-                    leaf_all[leaf] += int(right.sum())
-                    leaf_routed[leaf] += int(right[leaves == leaf].sum())
-                oracle += int(any_right.sum())
-    finally:
-        model.train(was)
-        if tree:
-            tree_state(model).mode = saved_mode
-    result: Dict[str, object] = {"top1": correct / max(1, seen),
-                                 "mean_class_top1": sum(a / n for a, n in per_class.values()) / max(1, len(per_class))}
-    if tree:
-        result["leaf_histogram"] = hist.tolist()
-    if tree and diagnostics:
-        n = max(1, seen)
-        result["leaf_top1_all"] = (leaf_all.double() / n).tolist()
-        result["leaf_top1_routed"] = [float(c) / max(1, int(h)) for c, h in zip(leaf_routed, hist)]
-        result["best_leaf_top1"] = max(result["leaf_top1_all"])
-        result["oracle_top1"] = oracle / n
-        result["conditional_gain"] = result["top1"] - result["best_leaf_top1"]
-    return result
-
-
 def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optional[Callable] = None,
              cfg: Optional[FinetuneConfig] = None, *, test=None, teacher: Optional[nn.Module] = None,
              out_dir=None, resume: bool = False, diagnostics: bool = False,
@@ -282,31 +207,13 @@ def finetune(model: nn.Module, train_images, train_labels=None, normalize: Optio
     _check_data(model, data, norm, "training data")
     if test is not None:
         _check_data(model, test, norm, "test data")
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         return _finetune(model, data, norm, cfg, test, normalize, teacher, out_dir, resume, diagnostics, on_epoch,
                          augment)
     except BaseException:
         snapshot.restore(model)  # a failed or interrupted run leaves the model as it was
         raise
-
-
-class _Snapshot:
-    """Weights, buffers, every module's train/eval flag and the routing settings of a model."""
-
-    def __init__(self, model: nn.Module):
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.routing = tree_state(model).settings() if is_branched(model) else None
-
-    def restore(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(self.state[k])
-        for m, flag in self.flags:
-            m.training = flag
-        if self.routing is not None:
-            set_routing(model, **self.routing)
 
 
 def _classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -348,42 +255,6 @@ def _check_data(model: nn.Module, data, norm: Callable, what: str) -> None:
     if low < 0 or high >= classes:
         raise ValueError(f"{what}: labels span {low}..{high} but the model has {classes} outputs; labels must lie "
                          f"in 0..{classes - 1}")
-
-
-def _load_resume(path: Path, model: nn.Module, cfg: FinetuneConfig, device) -> dict:
-    """The checkpoint at ``path``, checked against ``model`` and ``cfg`` before anything is loaded."""
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated or foreign files: never suggest unsafe loading
-        raise ValueError(f"{path} cannot be read as a finetune checkpoint ({type(err).__name__}); delete it to "
-                         "start over, or resume=False") from None
-    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "epoch", "history"} <= set(ck):
-        raise ValueError(f"{path} is not a finetune checkpoint (keys {sorted(ck)[:6] if isinstance(ck, dict) else ck})")
-    own = {k: v.shape for k, v in model.state_dict().items()}
-    theirs = {k: v.shape for k, v in ck["model"].items()}
-    if own != theirs:
-        diff = sorted(set(own) ^ set(theirs))[:3] or sorted(k for k in own if own[k] != theirs[k])[:3]
-        raise ValueError(f"{path} holds the weights of another model (first differences: {diff}); resume only with "
-                         "the model that wrote it, or resume=False")
-    saved = ck.get("config")
-    if saved is not None:
-        mine = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
-        # a field added since the checkpoint: how runs trained before it existed (else its default)
-        defaults = {**FinetuneConfig(progress=False).to_dict(), **BEFORE_FIELD}
-        theirs_cfg = {**defaults, **{k: v for k, v in json.loads(saved).items() if k not in _RUN_ONLY}}
-        inert = () if is_branched(model) else TREE_ONLY  # settings that do not change a plain model's training
-        changed = sorted(k for k in mine if mine[k] != theirs_cfg.get(k) and k not in inert)
-        if changed:
-            what = ", ".join(f"{k}: {theirs_cfg.get(k)!r} -> {mine[k]!r}" for k in changed[:4])
-            raise ValueError(f"{path} was written with other training settings ({what}); resume with the same "
-                             "FinetuneConfig, or resume=False to start over")
-    return ck
-
-
-_RUN_ONLY = ("progress", "eval_batch_size")  # settings a resumed run may change
-# fields whose default differs from how runs trained before the field existed (a checkpoint or report row without it)
-BEFORE_FIELD = {"node_lr_scale": False}
-TREE_ONLY = ("node_lr_scale",)  # a resumed plain (static or dense) model may differ in these: they do not reach it
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[dict]:
@@ -437,7 +308,7 @@ def _finetune(model, data, norm, cfg: FinetuneConfig, test, normalize, teacher, 
             out_dir.mkdir(parents=True, exist_ok=True)
         _barrier(world)
         if resume and (out_dir / CHECKPOINT).is_file():
-            ck = _load_resume(out_dir / CHECKPOINT, model, cfg, device)
+            ck = load_resume(out_dir / CHECKPOINT, model, cfg, device)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
@@ -588,10 +459,3 @@ def _epoch(model, runner, data, norm, cfg: FinetuneConfig, loss_cfg: LossConfig,
     if greedy is not None:  # far from train_leaf_share when routers hedge (every sample near 50/50)
         row["train_leaf_share_argmax"] = (greedy / greedy.sum()).tolist()
     return row
-
-
-def _save_checkpoint(out_dir: Path, model, opt, sched, epoch: int, history: List[dict], cfg: FinetuneConfig) -> None:
-    tmp = out_dir / (CHECKPOINT + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": json.dumps(history), "config": json.dumps(cfg.to_dict())}, tmp)
-    os.replace(tmp, out_dir / CHECKPOINT)
