@@ -10,6 +10,7 @@
 # About 4-6 minutes per tree and 2.5 per FPGM on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs}
 
@@ -24,4 +25,4 @@ report() {
   done
 }
 
-for part in ${@:-base lr04 s1 report}; do "$part"; done; exit
+steps "$0" "base lr04 s1 report" "base lr04 s1 report" "$@"; exit

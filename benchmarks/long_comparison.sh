@@ -27,6 +27,7 @@
 #   tree's channel score) keeps the earlier rows beside it instead of replacing them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
 PY=${PY:-.venv/bin/python}
 W=../shared/weights
 common=(--quiet --resume --data cifar10-jpeg --shortcut A --batch-size 64 --lr 0.01 --calib-size 512)
@@ -85,4 +86,4 @@ report() {  # rows of runs whose directories are gone come from the committed re
 }
 
 # exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
-for part in ${@:-r20 r56 report}; do "$part"; done; exit
+steps "$0" "r20 r56 report" "r20 r56 report" "$@"; exit

@@ -17,6 +17,7 @@
 # benchmarks/results/pointnet_speed.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
 PY=${PY:-.venv/bin/python}
 MODEL=${MODEL:-pointnet2_ssg}
 WIDTH=${WIDTH:-0.25}
@@ -63,4 +64,4 @@ report() {  # rows of runs whose folders are gone come from the committed report
 }
 
 # exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
-for part in ${@:-pretrain compare report}; do "$part"; done; exit
+steps "$0" "pretrain compare report" "pretrain compare report" "$@"; exit

@@ -7,6 +7,7 @@
 # two seeds); `cifar` here is the short ResNet-56 check of an earlier round, kept as an option.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
 PY=${PY:-.venv/bin/python}
 W=../shared/weights
 common=(--quiet --epochs 3 --batch-size 64 --lr 0.01 --train-limit 10000 --calib-size 512)
@@ -33,6 +34,5 @@ tiny() {  # Tiny-ImageNet-100 at 32x32: a CIFAR ResNet-20 (option B) trained fro
 
 report() { $PY -m benchmarks.report_real runs/real benchmarks/results; }
 
-for part in "${@:-tiny report}"; do
-  for p in $part; do "$p"; done
-done; exit  # read with the loop: an edit to this file during a long run cannot run stray lines
+# exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
+steps "$0" "cifar tiny report" "tiny report" "$@"; exit

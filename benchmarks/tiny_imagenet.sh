@@ -26,6 +26,7 @@
 # a tree (53 images/s; tiny_imagenet.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/steps.sh
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/tiny_imagenet}
 FRACTION=${FRACTION:-0.40}
@@ -63,4 +64,4 @@ report() {  # rows of runs whose folders are gone come from the committed report
 }
 
 # exit on the line bash has already read: an edit to this file during a long run cannot run stray lines
-for part in ${@:-adapt compare split dense report}; do "$part"; done; exit
+steps "$0" "adapt compare split dense report" "adapt compare split dense report" "$@"; exit

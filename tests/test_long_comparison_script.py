@@ -123,3 +123,14 @@ def test_modelnet40_fracs_methods_seed_and_tag_reach_the_command(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/modelnet40.sh", "compare"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PY": "echo", "OUT": str(tmp_path), "METHODS": "sigmb"})
     assert bad.returncode == 2 and "sigmb" in bad.stderr and not bad.stdout
+
+
+@pytest.mark.parametrize("script", ["long_comparison", "modelnet40", "tiny_imagenet", "ablate_nodelr", "real_results"])
+def test_benchmark_scripts_print_their_header_and_refuse_unknown_steps(script):
+    run = lambda *args: subprocess.run(["bash", f"benchmarks/{script}.sh", *args], cwd=ROOT, capture_output=True,
+                                       text=True, env={**os.environ, "PY": "echo"})
+    header = [line[2:] for line in (ROOT / f"benchmarks/{script}.sh").read_text().splitlines()[1:4]]
+    out = run("--help")
+    assert out.returncode == 0 and out.stdout.splitlines()[:3] == header, out.stderr
+    bad = run("report", "reprot")  # refused before the valid step runs
+    assert bad.returncode == 2 and "no step 'reprot'" in bad.stderr and not bad.stdout
