@@ -5,8 +5,8 @@
 # SigmaB at active fractions 0.40 and 0.30; FPGM and HRank at 0.30, 0.40 and 0.55; dense; a second seed
 # at 0.40 and 0.30; SigmaB at 0.45 (two seeds) last, so the active fraction at which it matches FPGM's 0.55 top-1
 # is read between measured points (extrapolated, and flagged, when the tree's 0.45 mean is still below).
-# Every run checkpoints each epoch and resumes (--resume), so the script can be rerun across sessions until it is complete; then `report` writes the table, the
-# plot and the reading.
+# Every run checkpoints each epoch and resumes (--resume), so the script can be rerun across sessions until it
+# is complete; then `report` writes the table, the plot and the reading.
 #   bash benchmarks/long_comparison.sh [r20|r56|report ...]   (default: r20 r56 report)
 #   EPOCHS_R20=4 EPOCHS_R56=3 (the defaults, those of every committed row) set the epochs.
 #   ONLY="f0.30_s0 f0.55_s0" runs only those budget/seed pairs (the others are skipped, not deleted).
