@@ -23,7 +23,7 @@ from sigmab_plugin.finetune import CHECKPOINT, FinetuneConfig, evaluate, finetun
 from ..adapters.pointnet2 import PointNet2
 from .data import load_dataset
 from .models import classifier_name, create_model
-from .provenance import machine
+from .provenance import machine, state_fingerprint
 from .registry import RunContext, available_methods, get_method
 from .sigmab import level_shape
 from .timing import latency_ratios
@@ -165,6 +165,9 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     dense.eval()
     dense_params = sum(p.numel() for p in dense.parameters())
     reference = evaluate(dense, test.images, test.labels, data.normalize)["top1"]
+    dense_sha = state_fingerprint(dense)  # every row names the dense model it started from (report_long groups by it)
+    if cfg.resume:  # only a resumed run keeps a checkpoint or the rows of other methods
+        check_same_dense(out, dense_sha, starts, cfg.methods)
     calib = calibration_set(train, data.normalize, cfg.calib_size, cfg.seed, cfg.device)
     opts = dict(depth=cfg.depth, prune_residual=cfg.prune_residual, coverage=cfg.coverage, keep_ratio=cfg.keep_ratio,
                 channel_score=cfg.channel_score, router_grid=cfg.router_grid)
@@ -213,7 +216,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
         before = {"top1": done["top1_before_finetune"]} if done else \
             evaluate(model, test.images, test.labels, data.normalize)
         if not done:
-            write_start_record(out / name, before["top1"], reconstruction)
+            write_start_record(out / name, before["top1"], reconstruction, dense_sha)
         torch.manual_seed(cfg.seed)
         history = finetune(model, train.images, train.labels, data.normalize, ft,
                            test=(test.images, test.labels), teacher=teacher, out_dir=out / name,
@@ -247,6 +250,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
                "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "commit": started.get("commit"),
+               "dense_sha256": dense_sha,
                "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None,
                "static_shape": run.static_shape if method.static else None}
         if name == "sigmab":
@@ -270,7 +274,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
     dense_row = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         r["delta_vs_dense_pp"] = None if dense_row is None else 100 * (r["top1"] - dense_row["top1"])
-        r["dense_reference_top1"] = reference
+        r.setdefault("dense_reference_top1", reference)  # an earlier run's row keeps its own
     write_outputs(rows, cfg, out, started)
     return rows
 
@@ -316,11 +320,27 @@ def start_record(folder: Path, cfg: HarnessConfig, method: str) -> Optional[dict
     return rec
 
 
-def write_start_record(folder: Path, top1: float, reconstruction: Optional[dict]) -> None:
+def write_start_record(folder: Path, top1: float, reconstruction: Optional[dict], dense_sha: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (START + ".tmp")
-    tmp.write_text(json.dumps({"top1_before_finetune": top1, "reconstruction": reconstruction}))
+    tmp.write_text(json.dumps({"top1_before_finetune": top1, "reconstruction": reconstruction,
+                               "dense_sha256": dense_sha}))
     tmp.replace(folder / START)
+
+
+def check_same_dense(out: Path, dense_sha: str, starts: Dict[str, Optional[dict]], methods) -> None:
+    """Refuse (``ValueError``, before any training) to resume a checkpoint, or to keep the rows of other methods in
+    ``out``, that started from another dense model than this run's (``dense_sha``: its ``state_fingerprint``): a
+    pretraining rerun writes another model to the same checkpoint path, and the folder would mix two comparisons.
+    Records from before the fingerprint existed are not checked."""
+    had = {f"{name}'s checkpoint": rec.get("dense_sha256") for name, rec in starts.items() if rec}
+    had.update({f"the {r['method']} row of results.json": r.get("dense_sha256")
+                for r in earlier_rows(out, set(methods))})
+    other = {what: sha for what, sha in had.items() if sha and sha != dense_sha}
+    if other:
+        raise ValueError(f"{out} holds {', '.join(sorted(other))} started from another dense model "
+                         f"({', '.join(sorted(set(other.values())))}; this run's is {dense_sha}): give another --out "
+                         "(the benchmark scripts: TAG=...) so the two comparisons stay apart")
 
 
 def earlier_rows(out: Path, ran: set) -> List[dict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import subprocess
@@ -36,3 +37,15 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")  # tracked files changed since the commit ran too
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over ``module``'s state_dict (names, shapes, dtypes and values): which
+    dense model a result started from, whatever path its checkpoint was loaded from (a pretraining rerun writes
+    another model to the same path), so a report never compares rows that started from different models."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

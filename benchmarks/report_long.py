@@ -103,7 +103,35 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         origin = f"{prior}` (written {m.get('date', '?')} at commit {m.get('commit', '?')})"
         rows += [{**r, "from_report": r.get("from_report", origin), "variant": variant(r)}
                  for r in data["rows"] if (r["run"], r["method"]) not in have]
+    for r in rows:
+        r["panel"] = panel_name(r, rows)
     return rows
+
+
+def _dense_key(r: dict, sha_by_top1: Dict[object, set]):
+    """Which dense model a row started from: its fingerprint (``dense_sha256``), else (a row from before the
+    fingerprint) the one fingerprinted model of the same reference top-1, else that top-1 itself."""
+    if r.get("dense_sha256"):
+        return r["dense_sha256"]
+    shas = sha_by_top1.get(r.get("dense_reference_top1"), set())
+    return next(iter(shas)) if len(shas) == 1 else r.get("dense_reference_top1")
+
+
+def panel_name(r: dict, rows: List[dict]) -> str:
+    """The section and plot panel a row belongs to: its model, and where that model's rows started from more than
+    one dense model (a pretraining rerun writes another model to the same path), the dense model too, so that
+    margins, "vs dense" and the curves only ever compare rows that started from the same weights."""
+    same = [o for o in rows if o["model"] == r["model"]]
+    sha_by_top1 = defaultdict(set)
+    for o in same:
+        if o.get("dense_sha256"):
+            sha_by_top1[o.get("dense_reference_top1")].add(o["dense_sha256"])
+    keys = {_dense_key(o, sha_by_top1) for o in same}
+    if len(keys) == 1:
+        return r["model"]
+    ref, key = r.get("dense_reference_top1"), _dense_key(r, sha_by_top1)
+    return (f"{r['model']} from dense {'?' if ref is None else f'{100 * ref:.2f}%'}"
+            + (f" {key[:8]}" if isinstance(key, str) else ""))
 
 
 def provenance(rows: List[dict]) -> List[str]:
@@ -173,11 +201,13 @@ def fraction_at(points: Dict[float, float], top1: float) -> Optional[tuple]:
 
 def summarize(rows: List[dict]) -> dict:
     out = {}
-    for model in sorted({r["model"] for r in rows}):
-        mr = [r for r in rows if r["model"] == model]
+    for model in sorted({r.get("panel", r["model"]) for r in rows}):
+        mr = [r for r in rows if r.get("panel", r["model"]) == model]
         dense = [r["top1"] for r in mr if r["method"] == "dense"]
         before = [r["top1_before_finetune"] for r in mr if r["method"] == "dense" and "top1_before_finetune" in r]
+        refs = [r["dense_reference_top1"] for r in mr if r.get("dense_reference_top1") is not None]
         s = {"dense_top1": mean(dense) if dense else None, "margins": {},
+             "dense_reference_top1": mean(refs) if refs else None,  # the dense model before any fine-tuning
              "dense_top1_before_finetune": mean(before) if before else None, "epochs": mr[0]["finetune"]["epochs"],
              "train_images": mr[0]["train_images"], "test_images": mr[0]["test_images"]}
         # every tree variant against the best static method of any variant (the fairest reading for the statics)
@@ -226,14 +256,14 @@ def plot(rows: List[dict], path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in rows})
+    models = sorted({r.get("panel", r["model"]) for r in rows})
     names = sorted({r["variant"] for r in rows if r["method"] != "dense"})
     # one colour per variant in every panel: tab20's ten dark hues first, then their light pairs
     cmap = plt.get_cmap("tab20")
     color = {n: cmap((2 * i + (i // 10) % 2) % 20) for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        mr = [r for r in rows if r["model"] == model]
+        mr = [r for r in rows if r.get("panel", r["model"]) == model]
         for name in sorted({r["variant"] for r in mr if r["method"] != "dense"}):
             pts = defaultdict(list)
             for r in mr:
@@ -247,7 +277,7 @@ def plot(rows: List[dict], path: Path):
         dense = [100 * r["top1"] for r in mr if r["method"] == "dense"]
         if dense:
             ax.axhline(mean(dense), color="grey", ls="--", label="dense")
-        ax.set_title(f"{model} on {mr[0].get('data', '?')}")
+        ax.set_title(f"{model} on {mr[0].get('data', '?')}", fontsize=9)
         ax.set_xlabel("active parameters / dense")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
@@ -282,7 +312,7 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
         lines += [f"## {model}: {s['epochs']} epochs on {s['train_images']:,} images, {s['test_images']:,} test images",
                   "", "| method | target | seed | active | top-1 (%) | mean-class (%) | vs dense (pp) | best leaf | oracle "
                   "| cond. gain (pp) | leaf shares (%) | train img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted((r for r in rows if r["model"] == model), key=lambda r: (r["target"], r["variant"], r["seed"])):
+        for r in sorted((r for r in rows if r["panel"] == model), key=lambda r: (r["target"], r["variant"], r["seed"])):
             lines.append(_row(r, s["dense_top1"]))
         lines.append("")
         for tree, margins in s["margins"].items():
@@ -305,6 +335,10 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
                 if pre is not None and abs(pre - s["dense_top1"]) > 5e-5:  # the fine-tuning moved the dense model
                     lines.append(f"- The dense model before that fine-tuning scored {100 * pre:.2f}%: {tree} at 0.40 is "
                                  f"{100 * (at40 - pre):+.2f} pp from it.")
+            elif s["dense_reference_top1"] is not None and "0.4" in margins:  # no dense row ran in this panel
+                ref, at40 = s["dense_reference_top1"], margins["0.4"]["sigmab_all_seeds"]
+                lines.append(f"- {tree} at 0.40 is {100 * (ref - at40):.2f} pp below the dense model it started from "
+                             f"({100 * ref:.2f}%, not fine-tuned again: no dense row here) (goal <= {gap_goal:g}).")
             fa = s["sigmab_fraction_at_static_0.55"].get(tree)
             if fa:
                 act = s["static_active_at_0.55"]
@@ -316,7 +350,7 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
             lines.append(f"- Tree {run}: conditional gain {g:+.2f} pp (goal >= 2), smallest leaf share "
                          f"{100 * s['min_leaf_share'][run]:.0f}% (goal >= 10%).")
         for r in rows:
-            cal = r.get("routing_calibration") if r["model"] == model else None
+            cal = r.get("routing_calibration") if r["panel"] == model else None
             if cal and cal.get("top1_before") is not None:
                 pct = lambda v: "/".join(f"{100 * a / sum(v):.0f}" for a in v)  # noqa: E731
                 lines.append(f"- Tree {r['run']}: hard routing calibrated to the training mass {pct(cal['leaf_mass'])}% "

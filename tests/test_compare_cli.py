@@ -135,6 +135,33 @@ def test_resumed_run_of_other_methods_keeps_the_folders_earlier_rows(tmp_path, m
     assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == ["fpgm"]
 
 
+def test_rows_name_their_dense_model_and_a_folder_never_mixes_two(tmp_path):
+    """Every row carries the fingerprint of the dense model it started from; resuming a folder whose checkpoint or
+    rows started from another dense model (a pretraining rerun to the same path) is refused before any training."""
+    from sigmab_plugin.baselines.harness import run_comparison
+    def seeded():
+        torch.manual_seed(0)
+        return create_model("resnet20", 10, None, "B")
+    a, b, again = seeded(), seeded(), seeded()
+    assert provenance.state_fingerprint(a) == provenance.state_fingerprint(again)  # same values, same fingerprint
+    with torch.no_grad():
+        b.conv1.weight[0, 0, 0, 0] += 1e-3  # one value apart
+    assert provenance.state_fingerprint(a) != provenance.state_fingerprint(b)
+    ckpt = tmp_path / "dense.pt"
+    torch.save(a.state_dict(), ckpt)
+    base = TINY + ["--pretrain-epochs", "0", "--checkpoint", str(ckpt), "--resume", "--out", str(tmp_path / "run")]
+    rows = cli.main(base + ["--methods", "dense", "fpgm"])
+    assert {r["dense_sha256"] for r in rows} == {provenance.state_fingerprint(a)}
+    torch.save(b.state_dict(), ckpt)  # another dense model at the same path
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    for methods, names in ((["hrank"], "the dense row of results.json, the fpgm row"), (["fpgm"], "fpgm's checkpoint")):
+        with pytest.raises(ValueError, match=f"holds {names}.* started from another dense model"):
+            run_comparison(cli.parse(base + ["--methods", *methods])[0])
+    assert (tmp_path / "run" / "results.json").read_bytes() == before  # the folder is left as it was
+    rows = cli.main(base[:-1] + [str(tmp_path / "run2"), "--methods", "hrank"])  # another folder: accepted
+    assert rows[0]["dense_sha256"] == provenance.state_fingerprint(b)
+
+
 def test_a_resumed_refit_run_reuses_its_start_and_refuses_another_refit(tmp_path, monkeypatch):
     from sigmab_plugin.baselines.harness import run_comparison
 

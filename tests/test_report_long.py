@@ -289,3 +289,34 @@ def test_regenerating_keeps_the_sections_written_by_hand_under_the_plot(tmp_path
     assert text.index("![top-1 vs active fraction]") < text.index("## How this was run")
     report_long.main(str(tmp_path / "runs"), str(out))  # and again: kept once, not doubled
     assert md.read_text() == text
+
+
+def test_rows_from_two_dense_models_are_never_compared_with_each_other(tmp_path):
+    """A pretraining rerun to the same checkpoint path gives another dense model: its rows get their own section and
+    panel (margins, vs dense), and a row from before the fingerprint joins the fingerprinted model of its top-1."""
+    old = {"dense_reference_top1": 0.778}  # the committed rows: no fingerprint
+    new = {"dense_reference_top1": 0.7743, "dense_sha256": "abcdef0123456789"}
+    prior_rows = [{**_row(m, f, t, **old), "run": "m_f0.40_s0", "target": 0.4}
+                  for m, f, t in (("dense", 1.0, 0.752), ("sigmab", 0.39, 0.7115), ("fpgm", 0.39, 0.7196))]
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps({"rows": prior_rows}))
+    d = tmp_path / "runs" / "m_f0.40_s0_nodelr"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": [
+        _row("sigmab", 0.39, 0.7233, **new), _row("fpgm", 0.39, 0.7123, **new)]}))
+    out = tmp_path / "out"
+    report_long.cli([str(tmp_path / "runs"), str(out), "modelnet40", "benchmarks/modelnet40.sh", "1.72",
+                     "--prior", str(prior)])
+    summary = json.loads((out / "modelnet40.json").read_text())["summary"]
+    a, b = "pointnet2_ssg from dense 77.80%", "pointnet2_ssg from dense 77.43% abcdef01"
+    assert set(summary) == {a, b}
+    assert summary[a]["margins"]["sigmab"]["0.4"]["margin_pp"] == pytest.approx(-0.81)  # not FPGM's two-model mean
+    assert summary[b]["margins"]["sigmab"]["0.4"]["margin_pp"] == pytest.approx(1.10)
+    assert summary[a]["dense_top1"] == 0.752 and summary[b]["dense_top1"] is None
+    text = (out / "modelnet40.md").read_text()
+    assert f"## {b}:" in text and "| sigmab | 0.4 | 0 | 0.390 | 72.33 | 70.33 |  |" in text  # no dense row to read
+    assert "sigmab at 0.40 is 5.10 pp below the dense model it started from (77.43%, not fine-tuned again" in text
+    # the same dense model, once without and once with its fingerprint: one section
+    rows = [{**_row("fpgm", 0.39, 0.8), "dense_reference_top1": 0.778, "run": "x", "target": 0.4},
+            {**_row("sigmab", 0.39, 0.81), **new, "dense_reference_top1": 0.778, "run": "y", "target": 0.4}]
+    assert {report_long.panel_name(r, rows) for r in rows} == {"pointnet2_ssg"}
