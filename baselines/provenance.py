@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from ..allocator import freed_memory_kept
+
 
 def machine() -> dict:
     cpu = platform.processor()
@@ -24,7 +26,7 @@ def machine() -> dict:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "python": sys.version.split()[0],
             "torch": torch.__version__, "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _commit()}
+            "commit": _commit(), "freed_memory_kept": freed_memory_kept()}  # speeds depend on it (allocator.py)
 
 
 def _commit() -> str:

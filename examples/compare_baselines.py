@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sigmab_plugin.allocator import keep_freed_memory
 from sigmab_plugin.baselines.data import DATASETS
 from sigmab_plugin.baselines.harness import STATIC_SHAPES, HarnessConfig, format_table, plot, run_comparison
 from sigmab_plugin.baselines.registry import available_methods
@@ -114,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the memory each training step frees in the process (glibc; sigmab_plugin."
+                         "keep_freed_memory): PointNet++ trains about 3x faster on CPU, at the cost of holding the "
+                         "peak memory. No effect on other C libraries")
     return ap
 
 
@@ -176,6 +181,8 @@ def _ridges(values, error):
 def main(argv=None) -> list:
     warnings.filterwarnings("ignore")
     cfg, sweep = parse(argv)
+    if parser().parse_known_args(argv)[0].keep_freed_memory:
+        keep_freed_memory()
     try:
         cfg.validate()
         if not sweep:

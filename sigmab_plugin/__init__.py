@@ -5,6 +5,7 @@ channel-pruned leaves), initialised by activation-aware spherical k-means; each 
 root-to-leaf path, so only that path's weights are read per inference.
 """
 from ._split import register_pruner, registered_pruners
+from .allocator import keep_freed_memory
 from .branch import branch
 from .calibrate import calibrate_routing
 from .reconstruct import reconstruct
@@ -36,6 +37,7 @@ __all__ = [
     "forward_leaf",
     "freeze_batchnorm",
     "is_branched",
+    "keep_freed_memory",
     "leaf_balance",
     "leaf_entropy",
     "load_branched",
