@@ -117,21 +117,28 @@ def _dense_key(r: dict, sha_by_top1: Dict[object, set]):
     return next(iter(shas)) if len(shas) == 1 else r.get("dense_reference_top1")
 
 
+def _epochs(r: dict):
+    return (r.get("finetune") or {}).get("epochs")
+
+
 def panel_name(r: dict, rows: List[dict]) -> str:
-    """The section and plot panel a row belongs to: its model, and where that model's rows started from more than
-    one dense model (a pretraining rerun writes another model to the same path), the dense model too, so that
-    margins, "vs dense" and the curves only ever compare rows that started from the same weights."""
+    """The section and plot panel a row belongs to: its model; where that model's rows started from more than one
+    dense model (a pretraining rerun writes another model to the same path), the dense model too; where they were
+    fine-tuned for different numbers of epochs, the epochs too. Margins, "vs dense" and the curves then only ever
+    compare rows that started from the same weights and trained as long."""
     same = [o for o in rows if o["model"] == r["model"]]
     sha_by_top1 = defaultdict(set)
     for o in same:
         if o.get("dense_sha256"):
             sha_by_top1[o.get("dense_reference_top1")].add(o["dense_sha256"])
-    keys = {_dense_key(o, sha_by_top1) for o in same}
-    if len(keys) == 1:
-        return r["model"]
-    ref, key = r.get("dense_reference_top1"), _dense_key(r, sha_by_top1)
-    return (f"{r['model']} from dense {'?' if ref is None else f'{100 * ref:.2f}%'}"
-            + (f" {key[:8]}" if isinstance(key, str) else ""))
+    name = r["model"]
+    if len({_dense_key(o, sha_by_top1) for o in same}) > 1:
+        ref, key = r.get("dense_reference_top1"), _dense_key(r, sha_by_top1)
+        name += (f" from dense {'?' if ref is None else f'{100 * ref:.2f}%'}"
+                 + (f" {key[:8]}" if isinstance(key, str) else ""))
+    if len({_epochs(o) for o in same}) > 1:
+        name += f", {_epochs(r)} epoch{'' if _epochs(r) == 1 else 's'}"
+    return name
 
 
 def provenance(rows: List[dict]) -> List[str]:
@@ -309,7 +316,7 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
              "leaf applied to every input; oracle = any leaf right.", "", "Where the rows come from:", "",
              *provenance(rows), ""]
     for model, s in summary.items():
-        lines += [f"## {model}: {s['epochs']} epochs on {s['train_images']:,} images, {s['test_images']:,} test images",
+        lines += [f"## {model}: {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'} of fine-tuning on {s['train_images']:,} images, {s['test_images']:,} test images",
                   "", "| method | target | seed | active | top-1 (%) | mean-class (%) | vs dense (pp) | best leaf | oracle "
                   "| cond. gain (pp) | leaf shares (%) | train img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if r["panel"] == model), key=lambda r: (r["target"], r["variant"], r["seed"])):
