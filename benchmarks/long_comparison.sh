@@ -62,7 +62,8 @@ run() {  # model checkpoint epochs fraction seed methods...
   done
   [ ${#methods[@]} -gt 0 ] || return 0
   $PY examples/compare_baselines.py "${common[@]}" --model "$model" --checkpoint "$W/$ckpt" --epochs "$epochs" \
-    --target-fraction "$frac" --seed "$seed" --methods "${methods[@]}" --out "runs/long/${model}_f${frac}_s${seed}${suffix}"
+    --target-fraction "$frac" --seed "$seed" --methods "${methods[@]}" \
+    --out "runs/long/${model}_f${frac}_s${seed}${suffix}"
 }
 
 both() {  # model checkpoint epochs

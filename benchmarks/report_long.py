@@ -180,9 +180,10 @@ def _seeds(rows: List[dict], name: str, target: float) -> set:
 def paired_margin(rows: List[dict], tree: str, static: str, target: float) -> Optional[dict]:
     """The tree against one static variant at one budget, on the seeds both ran (each method's mean over every
     seed it has when they share none), so a seed that favours one method is not compared with another seed."""
-    if not _seeds(rows, static, target):
+    static_seeds = _seeds(rows, static, target)
+    if not static_seeds:
         return None
-    common = _seeds(rows, tree, target) & _seeds(rows, static, target)
+    common = _seeds(rows, tree, target) & static_seeds
     seeds = common or None
     sig, st = _mean(rows, tree, target, seeds=seeds), _mean(rows, static, target, seeds=seeds)
     return {"sigmab": sig, "best_static": static, "best_static_top1": st, "margin_pp": 100 * (sig - st),
