@@ -250,7 +250,7 @@ def run_comparison(cfg: HarnessConfig, log=print) -> List[dict]:
                                         "conditional_gain") if k in after},
                "finetune": ft.to_dict(), "train_images": len(train.labels), "test_images": len(test.labels),
                "data": cfg.data, "model": cfg.model, "seed": cfg.seed, "commit": started.get("commit"),
-               "dense_sha256": dense_sha,
+               "dense_sha256": dense_sha, "freed_memory_kept": started.get("freed_memory_kept"),  # its img/s
                "keep_ratio": sb.tree_state(model).spec["config"]["keep_ratio"] if branched else None,
                "static_shape": run.static_shape if method.static else None}
         if name == "sigmab":

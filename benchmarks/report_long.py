@@ -93,6 +93,8 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         for r in data["rows"]:
             if r["method"] == "sigmab":
                 r = {**r, "channel_score": score, "router_grid": data["config"].get("router_grid", 1)}
+            if "freed_memory_kept" not in r and r.get("commit", commit) == commit:  # the folder's last run's rows
+                r = {**r, "freed_memory_kept": data.get("machine", {}).get("freed_memory_kept")}
             rows.append({**r, "run": f.parent.name, "target": frac, "variant": variant(r),
                          "commit": r.get("commit", commit),  # a row's own (a folder can hold runs of several)
                          **({"ran_on": ran_on} if ran_on else {})})
@@ -245,6 +247,12 @@ def summarize(rows: List[dict]) -> dict:
     return out
 
 
+KEPT_MARK = "*"  # a row trained with freed memory kept (sb.keep_freed_memory): its img/s is not comparable
+KEPT_NOTE = (f"{KEPT_MARK} trained with freed memory kept (`sb.keep_freed_memory`, 3.6-4.9x faster PointNet++ "
+             "training on this project's CPU VM, `benchmarks/results/allocator_speed.md`): compare images/s only "
+             "between rows that both have it or both lack it.")
+
+
 def _row(r: dict, dense: Optional[float]) -> str:
     tree = r["method"] == "sigmab"
     shares = "/".join(f"{100 * h / sum(r['leaf_histogram']):.0f}" for h in r["leaf_histogram"]) if tree else ""
@@ -255,7 +263,7 @@ def _row(r: dict, dense: Optional[float]) -> str:
     mc = r.get("mean_class_top1")
     return (f"| {r['variant']} | {r['target']} | {r['seed']} | {r['active_fraction']:.3f} | {100 * r['top1']:.2f} | "
             f"{'' if mc is None else f'{100 * mc:.2f}'} | {delta} | {diag} | {shares} | "
-            f"{'' if ips is None else f'{ips:.0f}'} |")
+            f"{'' if ips is None else f'{ips:.0f}'}{KEPT_MARK if r.get('freed_memory_kept') else ''} |")
 
 
 def plot(rows: List[dict], path: Path):
@@ -323,6 +331,9 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
         for r in sorted((r for r in rows if r["panel"] == model), key=lambda r: (r["target"], r["variant"], r["seed"])):
             lines.append(_row(r, s["dense_top1"]))
         lines.append("")
+        mr = [r for r in rows if r["panel"] == model]
+        if any(r.get("freed_memory_kept") for r in mr):
+            lines += [KEPT_NOTE, ""]
         for tree, margins in s["margins"].items():
             for target, mg in margins.items():
                 need = 100 * mg["best_static_top1"] + 2

@@ -323,3 +323,17 @@ def test_rows_from_two_dense_models_are_never_compared_with_each_other(tmp_path)
     # fine-tuned for 1 and for 3 epochs: two sections, never one margin over both
     rows[1]["finetune"] = {**rows[1]["finetune"], "epochs": 3}
     assert [report_long.panel_name(r, rows) for r in rows] == ["pointnet2_ssg, 2 epochs", "pointnet2_ssg, 3 epochs"]
+
+
+def test_rows_trained_with_freed_memory_kept_are_marked_beside_their_speed(tmp_path):
+    d = tmp_path / "runs" / "m_f0.40_s0"
+    d.mkdir(parents=True)  # fpgm ran at an older commit, before the allocator setting; sigmab with it kept
+    rows = [_row("fpgm", 0.39, 0.8, commit="old1234"), _row("sigmab", 0.39, 0.81, commit="new5678"),
+            _row("hrank", 0.39, 0.7, commit="new5678", freed_memory_kept=False)]
+    (d / "results.json").write_text(json.dumps({"config": _config(0.4), "rows": rows,
+                                                "machine": {"commit": "new5678", "freed_memory_kept": True}}))
+    report_long.main(str(tmp_path / "runs"), str(tmp_path / "out"))
+    text = (tmp_path / "out" / "long_comparison.md").read_text()
+    assert "| 20* |" in text and text.count("| 20* |") == 1  # only the tree's row: fpgm ran at another commit
+    assert "| fpgm | 0.4 | 0 | 0.390 | 80.00 |" in text and text.count("| 20 |") == 2
+    assert report_long.KEPT_NOTE in text
