@@ -13,8 +13,9 @@
 #   compare: FRACS="0.40" runs only those budgets, METHODS="sigmab fpgm" only those methods, SEED=1 another seed;
 #   TAG=x gives the runs their own folders (<model>_f<frac>_s<seed>_x), so a new recipe's rows stand beside the
 #   committed ones in the report instead of replacing them.
-# On 2 CPU cores at width 0.25 a dense training epoch takes 9-11.5 minutes (14-18 shapes/s,
-# benchmarks/results/pointnet_speed.md; the 8-epoch pretraining of 2026-12-07 took 98 minutes).
+# On 2 CPU cores at width 0.25, with freed memory kept (compare_baselines' default since 2026-12-07), an epoch
+# takes about 5 minutes for the dense model and FPGM and 6.5 for the tree (before: 9-11.5 and 23 minutes; the
+# 8-epoch pretraining of 2026-12-07 took 98 minutes then; benchmarks/results/allocator_speed.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/steps.sh
