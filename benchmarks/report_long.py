@@ -105,8 +105,7 @@ def load(runs: Path, prior: Optional[Path] = None) -> List[dict]:
         origin = f"{prior}` (written {m.get('date', '?')} at commit {m.get('commit', '?')})"
         rows += [{**r, "from_report": r.get("from_report", origin), "variant": variant(r)}
                  for r in data["rows"] if (r["run"], r["method"]) not in have]
-    for r in rows:
-        r["panel"] = panel_name(r, rows)
+    assign_panels(rows)
     return rows
 
 
@@ -123,24 +122,27 @@ def _epochs(r: dict):
     return (r.get("finetune") or {}).get("epochs")
 
 
-def panel_name(r: dict, rows: List[dict]) -> str:
-    """The section and plot panel a row belongs to: its model; where that model's rows started from more than one
-    dense model (a pretraining rerun writes another model to the same path), the dense model too; where they were
-    fine-tuned for different numbers of epochs, the epochs too. Margins, "vs dense" and the curves then only ever
-    compare rows that started from the same weights and trained as long."""
-    same = [o for o in rows if o["model"] == r["model"]]
-    sha_by_top1 = defaultdict(set)
-    for o in same:
-        if o.get("dense_sha256"):
-            sha_by_top1[o.get("dense_reference_top1")].add(o["dense_sha256"])
-    name = r["model"]
-    if len({_dense_key(o, sha_by_top1) for o in same}) > 1:
-        ref, key = r.get("dense_reference_top1"), _dense_key(r, sha_by_top1)
-        name += (f" from dense {'?' if ref is None else f'{100 * ref:.2f}%'}"
-                 + (f" {key[:8]}" if isinstance(key, str) else ""))
-    if len({_epochs(o) for o in same}) > 1:
-        name += f", {_epochs(r)} epoch{'' if _epochs(r) == 1 else 's'}"
-    return name
+def assign_panels(rows: List[dict]) -> None:
+    """Set each row's ``panel``, the section and plot panel it belongs to: its model; where that model's rows
+    started from more than one dense model (a pretraining rerun writes another model to the same path), the dense
+    model too; where they were fine-tuned for different numbers of epochs, the epochs too. Margins, "vs dense" and
+    the curves then only ever compare rows that started from the same weights and trained as long."""
+    for model in {r["model"] for r in rows}:
+        same = [r for r in rows if r["model"] == model]
+        sha_by_top1 = defaultdict(set)
+        for r in same:
+            if r.get("dense_sha256"):
+                sha_by_top1[r.get("dense_reference_top1")].add(r["dense_sha256"])
+        keys = [_dense_key(r, sha_by_top1) for r in same]
+        several_dense, several_epochs = len(set(keys)) > 1, len({_epochs(r) for r in same}) > 1
+        for r, key in zip(same, keys):
+            name, ref, epochs = model, r.get("dense_reference_top1"), _epochs(r)
+            if several_dense:
+                name += (f" from dense {'?' if ref is None else f'{100 * ref:.2f}%'}"
+                         + (f" {key[:8]}" if isinstance(key, str) else ""))
+            if several_epochs:
+                name += f", {epochs} epoch{'' if epochs == 1 else 's'}"
+            r["panel"] = name
 
 
 def provenance(rows: List[dict]) -> List[str]:
@@ -248,9 +250,9 @@ def summarize(rows: List[dict]) -> dict:
 
 
 KEPT_MARK = "*"  # a row trained with freed memory kept (sb.keep_freed_memory): its img/s is not comparable
-KEPT_NOTE = (f"{KEPT_MARK} trained with freed memory kept (`sb.keep_freed_memory`, 3.6-4.9x faster PointNet++ "
-             "training on this project's CPU VM, `benchmarks/results/allocator_speed.md`): compare images/s only "
-             "between rows that both have it or both lack it.")
+KEPT_NOTE = (f"{KEPT_MARK} trained with freed memory kept (`sb.keep_freed_memory`; what it does to training speed: "
+             "`benchmarks/results/allocator_speed.md`): compare images/s only between rows that both have it or both "
+             "lack it.")
 
 
 def _row(r: dict, dense: Optional[float]) -> str:

@@ -319,10 +319,12 @@ def test_rows_from_two_dense_models_are_never_compared_with_each_other(tmp_path)
     # the same dense model, once without and once with its fingerprint: one section
     rows = [{**_row("fpgm", 0.39, 0.8), "dense_reference_top1": 0.778, "run": "x", "target": 0.4},
             {**_row("sigmab", 0.39, 0.81), **new, "dense_reference_top1": 0.778, "run": "y", "target": 0.4}]
-    assert {report_long.panel_name(r, rows) for r in rows} == {"pointnet2_ssg"}
+    report_long.assign_panels(rows)
+    assert {r["panel"] for r in rows} == {"pointnet2_ssg"}
     # fine-tuned for 1 and for 3 epochs: two sections, never one margin over both
     rows[1]["finetune"] = {**rows[1]["finetune"], "epochs": 3}
-    assert [report_long.panel_name(r, rows) for r in rows] == ["pointnet2_ssg, 2 epochs", "pointnet2_ssg, 3 epochs"]
+    report_long.assign_panels(rows)
+    assert [r["panel"] for r in rows] == ["pointnet2_ssg, 2 epochs", "pointnet2_ssg, 3 epochs"]
 
 
 def test_rows_trained_with_freed_memory_kept_are_marked_beside_their_speed(tmp_path):
