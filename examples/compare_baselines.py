@@ -117,8 +117,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the memory each training step frees in the process (glibc; sigmab_plugin."
-                         "keep_freed_memory): PointNet++ trains about 3x faster on CPU, at the cost of holding the "
-                         "peak memory. No effect on other C libraries")
+                         "keep_freed_memory): faster CPU training of large tensors (benchmarks/results/allocator_speed.md), "
+                         "at the cost of holding the peak memory. No effect on other C libraries")
     return ap
 
 

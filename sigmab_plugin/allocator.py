@@ -1,9 +1,8 @@
 """Keep the memory a CPU training process frees, instead of handing it back to the kernel at every step.
 
 glibc serves an allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
-``munmap`` when freed. PointNet++ allocates grouped neighbourhoods of 100+ MiB in every training step (and a
-ResNet-50 at batch 64 its larger activations), so every step pays one page fault per 4 KiB of memory it had a
-moment before. Measured on this project's 2-core VM (``benchmarks/results/allocator_speed.md``): PointNet++ SSG
+``munmap`` when freed. PointNet++ allocates grouped neighbourhoods of 100+ MiB in every training step, so every
+step pays one page fault per 4 KiB of memory it had a moment before. Measured on this project's 2-core VM (``benchmarks/results/allocator_speed.md``): PointNet++ SSG
 (width 0.25) training steps at batch 32 ran 4.9x faster (dense) and 3.6x (its SigmaB tree), system time fell
 from as much as the user time to 2 s, and the CIFAR ResNet-20 (small tensors) gained 5%. The cost: the process
 holds on to its peak memory (+0.5-0.6 GiB there; its resident size does not shrink after a large step).
