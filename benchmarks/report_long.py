@@ -211,10 +211,18 @@ def fraction_at(points: Dict[float, float], top1: float) -> Optional[tuple]:
     return f0 + (top1 - t0) * (f1 - f0) / (t1 - t0), extrapolated
 
 
+def by_panel(rows: List[dict]) -> Dict[str, List[dict]]:
+    """Rows grouped by report panel, in panel order. ``load`` names every row's panel; rows made by hand
+    (tests, older reports) without one fall in their model's panel."""
+    panels: Dict[str, List[dict]] = defaultdict(list)
+    for r in rows:
+        panels[r.get("panel", r["model"])].append(r)
+    return dict(sorted(panels.items()))
+
+
 def summarize(rows: List[dict]) -> dict:
     out = {}
-    for model in sorted({r.get("panel", r["model"]) for r in rows}):
-        mr = [r for r in rows if r.get("panel", r["model"]) == model]
+    for model, mr in by_panel(rows).items():
         dense = [r["top1"] for r in mr if r["method"] == "dense"]
         before = [r["top1_before_finetune"] for r in mr if r["method"] == "dense" and "top1_before_finetune" in r]
         refs = [r["dense_reference_top1"] for r in mr if r.get("dense_reference_top1") is not None]
@@ -249,6 +257,14 @@ def summarize(rows: List[dict]) -> dict:
     return out
 
 
+def heading(panel: str, s: dict) -> str:
+    """A panel's section heading; the epochs are named once (``assign_panels`` may have put them in the name)."""
+    epochs = f"{s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}"
+    training = ("fine-tuned" if panel.endswith(f", {epochs}") else f"{epochs} of fine-tuning") + \
+        f" on {s['train_images']:,} images"
+    return f"## {panel}: {training}, {s['test_images']:,} test images"
+
+
 KEPT_MARK = "*"  # a row trained with freed memory kept (sb.keep_freed_memory): its img/s is not comparable
 KEPT_NOTE = (f"{KEPT_MARK} trained with freed memory kept (`sb.keep_freed_memory`; what it does to training speed: "
              "`benchmarks/results/allocator_speed.md`): compare images/s only between rows that both have it or both "
@@ -274,14 +290,13 @@ def plot(rows: List[dict], path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r.get("panel", r["model"]) for r in rows})
+    panels = by_panel(rows)
     names = sorted({r["variant"] for r in rows if r["method"] != "dense"})
     # one colour per variant in every panel: tab20's ten dark hues first, then their light pairs
     cmap = plt.get_cmap("tab20")
     color = {n: cmap((2 * i + (i // 10) % 2) % 20) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mr = [r for r in rows if r.get("panel", r["model"]) == model]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (model, mr) in zip(axes[0], panels.items()):
         for name in sorted({r["variant"] for r in mr if r["method"] != "dense"}):
             pts = defaultdict(list)
             for r in mr:
@@ -326,14 +341,15 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
              "active parameters (SigmaB: its largest path). Conditional gain = routed top-1 minus the best single "
              "leaf applied to every input; oracle = any leaf right.", "", "Where the rows come from:", "",
              *provenance(rows), ""]
+    panels = by_panel(rows)
     for model, s in summary.items():
-        lines += [f"## {model}: {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'} of fine-tuning on {s['train_images']:,} images, {s['test_images']:,} test images",
-                  "", "| method | target | seed | active | top-1 (%) | mean-class (%) | vs dense (pp) | best leaf | oracle "
-                  "| cond. gain (pp) | leaf shares (%) | train img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted((r for r in rows if r["panel"] == model), key=lambda r: (r["target"], r["variant"], r["seed"])):
+        mr = panels[model]
+        lines += [heading(model, s), "", "| method | target | seed | active | top-1 (%) | mean-class (%) | vs dense (pp) "
+                  "| best leaf | oracle | cond. gain (pp) | leaf shares (%) | train img/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mr, key=lambda r: (r["target"], r["variant"], r["seed"])):
             lines.append(_row(r, s["dense_top1"]))
         lines.append("")
-        mr = [r for r in rows if r["panel"] == model]
         if any(r.get("freed_memory_kept") for r in mr):
             lines += [KEPT_NOTE, ""]
         for tree, margins in s["margins"].items():
@@ -370,8 +386,8 @@ def main(runs: str, out: str, stem: str = "long_comparison", script: str = "benc
         for run, g in s["conditional_gain_pp"].items():
             lines.append(f"- Tree {run}: conditional gain {g:+.2f} pp (goal >= 2), smallest leaf share "
                          f"{100 * s['min_leaf_share'][run]:.0f}% (goal >= 10%).")
-        for r in rows:
-            cal = r.get("routing_calibration") if r["panel"] == model else None
+        for r in mr:
+            cal = r.get("routing_calibration")
             if cal and cal.get("top1_before") is not None:
                 pct = lambda v: "/".join(f"{100 * a / sum(v):.0f}" for a in v)  # noqa: E731
                 lines.append(f"- Tree {r['run']}: hard routing calibrated to the training mass {pct(cal['leaf_mass'])}% "

@@ -325,6 +325,13 @@ def test_rows_from_two_dense_models_are_never_compared_with_each_other(tmp_path)
     rows[1]["finetune"] = {**rows[1]["finetune"], "epochs": 3}
     report_long.assign_panels(rows)
     assert [r["panel"] for r in rows] == ["pointnet2_ssg, 2 epochs", "pointnet2_ssg, 3 epochs"]
+    # a heading names the epochs once, whether or not the panel's name carries them
+    s = {"epochs": 3, "train_images": 9843, "test_images": 2468}
+    assert report_long.heading("pointnet2_ssg, 3 epochs", s) == \
+        "## pointnet2_ssg, 3 epochs: fine-tuned on 9,843 images, 2,468 test images"
+    assert report_long.heading("pointnet2_ssg", {**s, "epochs": 1}) == \
+        "## pointnet2_ssg: 1 epoch of fine-tuning on 9,843 images, 2,468 test images"
+    assert [list(g) for g in report_long.by_panel(rows).values()] == [[rows[0]], [rows[1]]]
 
 
 def test_rows_trained_with_freed_memory_kept_are_marked_beside_their_speed(tmp_path):
