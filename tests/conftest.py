@@ -149,3 +149,18 @@ def option_value(cmd: list, flag: str) -> list:
     i = cmd.index(flag) + 1
     j = next((k for k in range(i, len(cmd)) if cmd[k].startswith("--")), len(cmd))
     return cmd[i:j]
+
+
+def write_point_npz(folder: Path, train: int = 32, test: int = 16, points: int = 1024) -> None:
+    """A four-class stand-in for modelnet40-1024.npz: each class an ellipsoid of its own proportions."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    axes = np.array([[1.0, 0.3, 0.3], [0.3, 1.0, 0.3], [0.3, 0.3, 1.0], [1.0, 1.0, 0.2]])
+
+    def clouds(n):
+        labels = np.arange(n) % 4
+        return (rng.normal(size=(n, points, 3)) * axes[labels][:, None]).astype(np.float32), labels
+    folder.mkdir(parents=True)
+    (trp, trl), (tep, tel) = clouds(train), clouds(test)
+    np.savez(folder / "modelnet40-1024.npz", train_points=trp, train_labels=trl, test_points=tep, test_labels=tel,
+             classes=np.array(["a", "b", "c", "d"]))

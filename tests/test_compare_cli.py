@@ -15,7 +15,7 @@ import sigmab_plugin as sb
 from sigmab_plugin.baselines import provenance
 from sigmab_plugin.baselines.harness import HarnessConfig
 from sigmab_plugin.baselines.models import create_model
-from conftest import modules_run
+from conftest import modules_run, write_point_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("compare_baselines", ROOT / "examples" / "compare_baselines.py")
@@ -313,28 +313,13 @@ def test_runtime_errors_are_reported(args, message, capsys, tmp_path):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def _write_point_npz(folder: Path, train: int = 32, test: int = 16, points: int = 1024) -> None:
-    """A four-class stand-in for modelnet40-1024.npz: each class an ellipsoid of its own proportions."""
-    import numpy as np
-    rng = np.random.default_rng(0)
-    axes = np.array([[1.0, 0.3, 0.3], [0.3, 1.0, 0.3], [0.3, 0.3, 1.0], [1.0, 1.0, 0.2]])
-
-    def clouds(n):
-        labels = np.arange(n) % 4
-        return (rng.normal(size=(n, points, 3)) * axes[labels][:, None]).astype(np.float32), labels
-    folder.mkdir(parents=True)
-    (trp, trl), (tep, tel) = clouds(train), clouds(test)
-    np.savez(folder / "modelnet40-1024.npz", train_points=trp, train_labels=trl, test_points=tep, test_labels=tel,
-             classes=np.array(["a", "b", "c", "d"]))
-
-
 @pytest.mark.parametrize("variant", ["ssg", "msg"])
 def test_pointnet_runs_every_method_through_the_harness(tmp_path, variant):
     """Issue 9: SigmaB, FPGM and HRank on both PointNet++ variants through the same harness and CLI: every
     static method within SigmaB's largest path, the tree's routing of every test cloud recorded, mean-class
     top-1 reported."""
     import timm
-    _write_point_npz(tmp_path / "data")
+    write_point_npz(tmp_path / "data")
     methods = ["sigmab", "fpgm", "hrank"]
     rows = cli.main(["--quiet", "--epochs", "1", "--calib-size", "32", "--batch-size", "16", "--data", "modelnet40",
                      "--data-root", str(tmp_path / "data"), "--model", f"pointnet2_{variant}", "--width", "0.125",
