@@ -49,9 +49,14 @@ class PointDataset(Dataset):
         shift = (2 * torch.rand(b, 3, 1, generator=gen) - 1) * self.shift
         noise = (torch.randn(b, 3, p, generator=gen) * self.jitter).clamp(-5 * self.jitter, 5 * self.jitter)
         x = x * scale + shift + noise
-        ratio = torch.rand(b, 1, generator=gen) * self.max_dropout
-        drop = torch.rand(b, p, generator=gen) <= ratio
-        return torch.where(drop.unsqueeze(1), x[:, :, :1].expand_as(x), x)
+        return drop_points(x, torch.rand(b, 1, generator=gen) * self.max_dropout, gen)
+
+
+def drop_points(x: torch.Tensor, ratio, gen: torch.Generator) -> torch.Tensor:
+    """Point dropout: each point of each cloud in ``x`` (B, 3, P) is dropped with probability ``ratio`` (a number,
+    or one per cloud as (B, 1)) and becomes a copy of the cloud's first point, so the shape stays (B, 3, P)."""
+    drop = torch.rand(x.shape[0], x.shape[2], generator=gen) <= ratio
+    return torch.where(drop.unsqueeze(1), x[:, :, :1].expand_as(x), x)
 
 
 def _split(points: np.ndarray, labels: np.ndarray, n_points: int, where: str) -> Split:

@@ -22,19 +22,13 @@ from typing import Callable, Dict, List
 
 import torch
 
-import sigmab_plugin as sb
-from sigmab_plugin.baselines.data import load_dataset
-from sigmab_plugin.baselines.models import create_model
-from sigmab_plugin.baselines.points import PointDataset
+from sigmab_plugin.baselines.points import PointDataset, drop_points
 from sigmab_plugin.finetune import evaluate
-from benchmarks.common import machine
+from benchmarks.common import load_run_tree, machine
 
 
 def _dropout(ratio: float) -> Callable:
-    def f(x, gen):
-        drop = torch.rand(x.shape[0], x.shape[2], generator=gen) <= ratio
-        return torch.where(drop.unsqueeze(1), x[:, :, :1].expand_as(x), x)
-    return f
+    return lambda x, gen: drop_points(x, ratio, gen)
 
 
 def _scale(s: float) -> Callable:
@@ -64,11 +58,9 @@ def conditions(ds: PointDataset) -> Dict[str, Callable]:
 
 def measure(run: str, seed: int = 0, limit: int = 0) -> List[dict]:
     cfg = json.load(open(f"{run}/results.json"))["config"]
-    ds = load_dataset(cfg["data"], cfg["data_root"], seed=cfg["seed"])
-    if not isinstance(ds, PointDataset):
-        raise SystemExit(f"{run}: trained on {cfg['data']!r}, not a point-cloud data set")
-    base = create_model(cfg["model"], ds.num_classes, None, cfg["shortcut"], **cfg.get("model_kwargs", {}))
-    tree = sb.load_branched(base, f"{run}/sigmab/tree").eval()
+    if not cfg["data"].startswith("modelnet40"):  # the point-cloud data sets (baselines.data.load_dataset)
+        raise SystemExit(f"{run}: trained on {cfg['data']!r}, not a point-cloud data set (modelnet40*)")
+    tree, ds, _ = load_run_tree(run)
     x, y = ds.normalize(ds.test.images), ds.test.labels
     if limit:
         x, y = x[:limit], y[:limit]

@@ -13,9 +13,8 @@ import time
 import torch
 
 import sigmab_plugin as sb
-from sigmab_plugin.baselines.data import load_dataset
-from sigmab_plugin.baselines.models import create_model
 from sigmab_plugin.finetune import evaluate
+from benchmarks.common import load_run_tree
 
 
 def ev(model, ds, tag):
@@ -29,10 +28,7 @@ def ev(model, ds, tag):
 
 
 def main(run: str, n_cal: int = 2048) -> None:
-    cfg = json.load(open(f"{run}/results.json"))["config"]
-    ds = load_dataset(cfg["data"], cfg["data_root"], seed=cfg["seed"])
-    base = create_model(cfg["model"], ds.num_classes, None, cfg["shortcut"], **cfg.get("model_kwargs", {}))
-    tree = sb.load_branched(base, f"{run}/sigmab/tree").eval()
+    tree, ds, _ = load_run_tree(run)
     log = [json.loads(line) for line in open(f"{run}/sigmab/log.jsonl")]
     train_mass = log[-1]["train_leaf_share"]
     idx = torch.randperm(len(ds.train.labels), generator=torch.Generator().manual_seed(123))[:n_cal]

@@ -2,8 +2,9 @@
 timing."""
 from __future__ import annotations
 
+import json
 import time
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
@@ -45,3 +46,16 @@ def time_call(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
+
+
+def load_run_tree(run: str) -> Tuple[nn.Module, object, dict]:
+    """The SigmaB tree a finished harness run saved (``compare_baselines.py --out RUN``), in eval mode, with the run's
+    data set and config: ``(tree, dataset, config)``."""
+    import sigmab_plugin as sb
+    from sigmab_plugin.baselines.data import load_dataset
+    from sigmab_plugin.baselines.models import create_model
+
+    cfg = json.load(open(f"{run}/results.json"))["config"]
+    ds = load_dataset(cfg["data"], cfg["data_root"], seed=cfg["seed"])
+    base = create_model(cfg["model"], ds.num_classes, None, cfg["shortcut"], **cfg.get("model_kwargs", {}))
+    return sb.load_branched(base, f"{run}/sigmab/tree").eval(), ds, cfg

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import augment_routing_diag as diag
 from conftest import write_point_npz
-from sigmab_plugin.baselines.points import PointDataset
+from sigmab_plugin.baselines.points import PointDataset, drop_points
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("compare_baselines", ROOT / "examples" / "compare_baselines.py")
@@ -31,6 +31,8 @@ def test_each_condition_changes_only_what_it_names():
     moved = (dropped != x).any(1)  # points replaced by the first point
     assert 0.3 < moved.float().mean() < 0.7
     assert torch.equal(torch.where(moved.unsqueeze(1), x[:, :, :1].expand_as(x), x), dropped)
+    assert torch.equal(drop_points(x, 0.0, gen()), x)  # ratio 0 drops nothing, 1 every point
+    assert torch.equal(drop_points(x, 1.0, gen()), x[:, :, :1].expand_as(x))
     shift = c["shift +-0.2"](x, gen()) - x  # one offset per cloud and axis, nothing else
     assert shift.abs().max() <= 0.2 + 1e-6 and torch.allclose(shift, shift[:, :, :1].expand_as(shift), atol=1e-6)
     scaled = c["anisotropic scale 0.67-1.50"](x, gen()) / x  # one factor per cloud and axis
