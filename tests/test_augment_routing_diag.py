@@ -58,6 +58,21 @@ def test_routes_a_finished_run_as_the_harness_did(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert f"python -m benchmarks.augment_routing_diag {run}" in text and "| dropout 0.75 |" in text
 
+    # --limit routes only the first N clouds; --seed draws other augmentations
+    seen = {}
+
+    def spy(tree, x, y):
+        seen.setdefault(spy.seed, []).append(x)
+        return diag_evaluate(tree, x, y)
+    diag_evaluate = diag.evaluate
+    for spy.seed in (0, 1):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(diag, "evaluate", spy)
+            diag.main([str(run), "--limit", "8", "--seed", str(spy.seed), "--out", str(tmp_path / f"s{spy.seed}")])
+    assert all(len(x) == 8 for x in seen[0] + seen[1])
+    assert torch.equal(seen[0][0], seen[1][0])  # "none": the same clouds
+    assert not torch.equal(seen[0][-1], seen[1][-1])  # "all": another draw of the training augmentation
+
 
 def test_a_run_on_images_is_refused(tmp_path):
     run = tmp_path / "run"
